@@ -1,0 +1,454 @@
+"""The Saltpeter engine: scheduler, machines WebSocket and event listener on one loop.
+
+:func:`run_engine` is what the thin loader module in ``_engines/`` calls. It
+blocks for the engine's lifetime, because Salt restarts an engine whose
+``start()`` returns. Everything that changes run state happens on the one
+asyncio loop this module starts; blocking Salt calls go to a small thread
+pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import sqlite3
+from collections import Counter
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from saltpeter import server
+from saltpeter.config import ConfigLoader, ConfigSnapshot, Job, Maintenance, Settings
+from saltpeter.manager import RunManager
+from saltpeter.runs import Run, SkipReason, Trigger
+from saltpeter.saltbridge import SaltBridge, parse_return_tag
+from saltpeter.scheduler import Scheduler
+from saltpeter.store import RunStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_DIR = "/etc/saltpeter"
+REQUEST_PREFIX = "saltpeter/request/"
+REPLY_PREFIX = "saltpeter/reply/"
+CONFIG_POLL_SECONDS = 1.0
+SWEEP_SECONDS = 1.0
+PING_ROUND_SECONDS = 5.0
+LOG_FILE_NAME = "saltpeter.log"
+
+
+def default_store_path(opts: Mapping[str, Any]) -> Path:
+    return Path(opts["cachedir"]) / "saltpeter" / "saltpeter.db"
+
+
+def engine_options(opts: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the options given to the saltpeter engine in the master config.
+
+    Runners use this to find the config directory and the store that the
+    engine uses. ``engines`` may be a list of one-key mappings or a mapping.
+    """
+    engines = opts.get("engines") or []
+    if isinstance(engines, Mapping):
+        engines = [{name: value} for name, value in engines.items()]
+    for entry in engines:
+        if isinstance(entry, Mapping) and "saltpeter" in entry:
+            return dict(entry["saltpeter"] or {})
+        if entry == "saltpeter":
+            return {}
+    return {}
+
+
+class Engine:
+    def __init__(
+        self,
+        opts: dict[str, Any],
+        config_dir: str = DEFAULT_CONFIG_DIR,
+        store_path: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.opts = opts
+        self.config_dir = Path(config_dir)
+        self.store_path = Path(store_path) if store_path else default_store_path(opts)
+        self.loader = ConfigLoader(self.config_dir, overrides=settings)
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="saltpeter"
+        )
+        self.bridge = SaltBridge(opts, self.executor)
+        self.jobs: dict[str, Job] = {}
+        self.settings = Settings()
+        self.maintenance = Maintenance()
+        self.rejections: Counter[str] = Counter()
+        self._reported_errors: set[str] = set()
+        self._reported_warnings: set[str] = set()
+        self._ready = asyncio.Event()
+        self._ping_waiters: dict[str, set[str]] = {}
+        self._dispatching: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._log_handler: logging.Handler | None = None
+        self.store: RunStore | None = None
+        self.manager: RunManager | None = None
+        self.scheduler: Scheduler | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def run(self) -> None:
+        snapshot = self.loader.load()
+        self._apply_snapshot(snapshot, first=True)
+        log.info(
+            "saltpeter engine starting: %d job(s) from %s, store %s",
+            len(self.jobs),
+            self.config_dir,
+            self.store_path,
+        )
+        self.store = RunStore(self.store_path, max_output_bytes=self.settings.max_output_bytes)
+        self.manager = RunManager(
+            self.store,
+            self.bridge,
+            job_lookup=self.jobs.get,
+            launch_timeout=self.settings.launch_timeout,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            kill_fallback=self._kill_through_salt,
+        )
+        reloaded = self.manager.load_in_flight()
+        if reloaded:
+            log.info("%d run(s) were in flight when the engine stopped; waiting for them", reloaded)
+        self.store.sync_jobs({name: job.describe() for name, job in self.jobs.items()})
+
+        await self.bridge.start(self._on_event)
+        http_server = server.listen(
+            self.manager,
+            self.settings.machines_ws_port,
+            self.settings.machines_ws_bind_addr,
+            rejections=self.rejections,
+        )
+        self.scheduler = Scheduler(self._on_fire, on_next=self._on_next_fire)
+        self.scheduler.update(self.jobs)
+        try:
+            await asyncio.gather(
+                self.scheduler.run(),
+                self._watch_config(),
+                self._sweep(),
+                self._wait_for_minions(),
+            )
+        finally:
+            http_server.stop()
+            await self.bridge.close()
+            self.store.close()
+            self.executor.shutdown(wait=False)
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- configuration ------------------------------------------------------
+
+    def _apply_snapshot(self, snapshot: ConfigSnapshot, first: bool = False) -> None:
+        errors = {str(error) for error in snapshot.errors}
+        for message in sorted(errors - self._reported_errors):
+            log.error("configuration: %s", message)
+        for message in sorted(self._reported_errors - errors):
+            log.info("configuration: resolved: %s", message)
+        self._reported_errors = errors
+        warnings = set(snapshot.warnings)
+        for message in sorted(warnings - self._reported_warnings):
+            log.warning("configuration: %s", message)
+        self._reported_warnings = warnings
+
+        previous = self.settings
+        self.settings = snapshot.settings
+        self.maintenance = snapshot.maintenance
+        self._configure_logging()
+        if not first:
+            for key in ("machines_ws_port", "machines_ws_bind_addr"):
+                if getattr(previous, key) != getattr(self.settings, key):
+                    log.warning(
+                        "configuration: %s changed; restart the salt-master to apply it", key
+                    )
+        if self.manager is not None:
+            self.manager.launch_timeout = self.settings.launch_timeout
+            self.manager.heartbeat_timeout = self.settings.heartbeat_timeout
+
+        added = sorted(set(snapshot.jobs) - set(self.jobs))
+        removed = sorted(set(self.jobs) - set(snapshot.jobs))
+        changed = sorted(
+            name
+            for name in set(snapshot.jobs) & set(self.jobs)
+            if snapshot.jobs[name] != self.jobs[name]
+        )
+        self.jobs = dict(snapshot.jobs)
+        if not first:
+            for label, names in (("added", added), ("changed", changed), ("removed", removed)):
+                if names:
+                    log.info("configuration: %s job(s): %s", label, ", ".join(names))
+        if self.scheduler is not None:
+            self.scheduler.update(self.jobs)
+        if self.store is not None:
+            self.store.sync_jobs({name: job.describe() for name, job in self.jobs.items()})
+
+    def _configure_logging(self) -> None:
+        package_logger = logging.getLogger("saltpeter")
+        package_logger.setLevel(logging.DEBUG if self.settings.debug else logging.INFO)
+        path = Path(self.settings.logdir) / LOG_FILE_NAME
+        current = self._log_handler
+        if isinstance(current, logging.FileHandler) and Path(current.baseFilename) == path:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler: logging.Handler = logging.FileHandler(path)
+        except OSError as exc:
+            log.warning(
+                "cannot write the log file %s: %s; logging to the master log only", path, exc
+            )
+            return
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        if current is not None:
+            package_logger.removeHandler(current)
+            current.close()
+        package_logger.addHandler(handler)
+        self._log_handler = handler
+
+    async def _watch_config(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            try:
+                if not await loop.run_in_executor(self.executor, self.loader.changed):
+                    continue
+                snapshot = await loop.run_in_executor(self.executor, self.loader.load)
+            except Exception:
+                log.exception("configuration: reloading %s failed", self.config_dir)
+                continue
+            self._apply_snapshot(snapshot)
+
+    # -- scheduling and dispatch --------------------------------------------
+
+    def _on_next_fire(self, name: str, fire_at: datetime | None) -> None:
+        if self.store is not None:
+            self.store.set_next_run(name, fire_at)
+
+    def _on_fire(self, name: str, scheduled_at: datetime) -> None:
+        self._spawn(self.dispatch(name, Trigger.SCHEDULE, scheduled_at))
+
+    async def _wait_for_minions(self) -> None:
+        """Hold the first dispatch until every accepted minion answers a ping.
+
+        Engines start before minions reconnect to a restarted master, and a
+        publish sent then reaches only some of them. The wait ends after
+        ``startup_wait`` seconds whatever the answers.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.startup_wait
+        accepted = await self.bridge.accepted_minions()
+        pending = set(accepted)
+        while pending and loop.time() < deadline:
+            jid = self.bridge.new_jid()
+            self._ping_waiters[jid] = pending
+            try:
+                await self.bridge.publish(sorted(pending), "test.ping", [], jid=jid)
+            except Exception as exc:
+                log.debug("startup ping failed: %s", exc)
+            round_end = min(deadline, loop.time() + PING_ROUND_SECONDS)
+            while pending and loop.time() < round_end:
+                await asyncio.sleep(0.1)
+            self._ping_waiters.pop(jid, None)
+        answered = len(accepted) - len(pending)
+        if pending:
+            log.warning(
+                "%d of %d accepted minion(s) answered within %g s; dispatching anyway (silent: %s)",
+                answered,
+                len(accepted),
+                self.settings.startup_wait,
+                ", ".join(sorted(pending)),
+            )
+        else:
+            log.info("%d accepted minion(s) answered; dispatching", answered)
+        self._ready.set()
+        # The task must not end: gather() in run() would then stop waiting on it,
+        # which is harmless, but keeping all four tasks alive keeps run() simple.
+        await asyncio.Event().wait()
+
+    async def dispatch(
+        self, name: str, trigger: Trigger, scheduled_at: datetime | None
+    ) -> dict[str, Any]:
+        """Start a run of job ``name`` unless a rule says to skip it; return what happened."""
+        await self._ready.wait()
+        assert self.manager is not None and self.store is not None
+        manager = self.manager
+        job = self.jobs.get(name)
+        if job is None:
+            return {"started": False, "reason": "unknown_job"}
+        if scheduled_at is not None and self.store.slot_taken(name, scheduled_at):
+            log.warning("job %s: the %s slot already has a run", name, scheduled_at.isoformat())
+            return {"started": False, "reason": "slot_taken"}
+        if self.maintenance.global_:
+            manager.record_skip(name, trigger, scheduled_at, SkipReason.MAINTENANCE)
+            return {"started": False, "reason": SkipReason.MAINTENANCE.value}
+        if not job.allow_overlap and (manager.running(name) or name in self._dispatching):
+            manager.record_skip(name, trigger, scheduled_at, SkipReason.OVERLAP)
+            running = [run.run_id for run in manager.running(name)]
+            return {"started": False, "reason": SkipReason.OVERLAP.value, "running": running}
+
+        self._dispatching.add(name)
+        try:
+            return await self._launch(job, trigger, scheduled_at)
+        finally:
+            self._dispatching.discard(name)
+
+    async def _launch(
+        self, job: Job, trigger: Trigger, scheduled_at: datetime | None
+    ) -> dict[str, Any]:
+        assert self.manager is not None
+        manager = self.manager
+        try:
+            matched = await self.bridge.resolve_targets(job.targets, job.target_type)
+        except Exception as exc:
+            log.error(
+                "job %s: resolving targets %r (%s) failed: %s",
+                job.name,
+                job.targets,
+                job.target_type,
+                exc,
+            )
+            matched = []
+        under_maintenance = [minion for minion in matched if minion in self.maintenance.machines]
+        targets = [minion for minion in matched if minion not in self.maintenance.machines]
+        if not targets:
+            reason = SkipReason.MAINTENANCE if under_maintenance else SkipReason.NO_TARGETS
+            manager.record_skip(job.name, trigger, scheduled_at, reason)
+            return {"started": False, "reason": reason.value}
+
+        jid = self.bridge.new_jid()
+        try:
+            run, token = manager.start_run(
+                job, trigger, scheduled_at, targets, under_maintenance, jid
+            )
+        except sqlite3.IntegrityError:
+            log.warning("job %s: the %s slot already has a run", job.name, scheduled_at)
+            return {"started": False, "reason": "slot_taken"}
+
+        kwarg = {
+            "wrapper_path": job.wrapper_path or self.settings.default_wrapper_path,
+            "loglevel": job.wrapper_loglevel or self.settings.default_wrapper_loglevel,
+            "logdir": job.wrapper_logdir or self.settings.default_wrapper_logdir,
+        }
+        try:
+            await self.bridge.publish(
+                targets,
+                "saltpeter.launch",
+                [run.run_id, job.name, self.settings.wrapper_url(), token],
+                kwarg=kwarg,
+                jid=jid,
+            )
+        except Exception as exc:
+            log.error("job %s run %s: publishing the launch failed: %s", job.name, run.run_id, exc)
+            manager.publish_failed(run, str(exc))
+        return {
+            "started": True,
+            "run_id": run.run_id,
+            "targets": targets,
+            "maintenance": under_maintenance,
+        }
+
+    def _kill_through_salt(self, run: Run, minions: list[str]) -> None:
+        """Ask the execution module to kill runs whose wrapper is not connected."""
+
+        async def publish() -> None:
+            try:
+                await self.bridge.publish(minions, "saltpeter.kill_local", [run.run_id])
+                log.info(
+                    "job %s run %s: kill sent through Salt to %s",
+                    run.job_name,
+                    run.run_id,
+                    ", ".join(minions),
+                )
+            except Exception as exc:
+                log.error(
+                    "job %s run %s: kill through Salt failed: %s", run.job_name, run.run_id, exc
+                )
+
+        self._spawn(publish())
+
+    async def _sweep(self) -> None:
+        assert self.manager is not None
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            try:
+                self.manager.sweep()
+            except Exception:
+                log.exception("sweeping runs in flight failed")
+
+    # -- the event bus ------------------------------------------------------
+
+    async def _on_event(self, tag: str, data: dict[str, Any]) -> None:
+        if tag.startswith("salt/job/"):
+            parsed = parse_return_tag(tag)
+            if parsed is None:
+                return
+            jid, minion = parsed
+            waiting = self._ping_waiters.get(jid)
+            if waiting is not None:
+                waiting.discard(minion)
+            elif self.manager is not None:
+                self.manager.on_launch_return(jid, minion, data)
+        elif tag.startswith(REQUEST_PREFIX):
+            await self._on_request(tag[len(REQUEST_PREFIX) :], data)
+
+    async def _on_request(self, kind: str, data: dict[str, Any]) -> None:
+        request_id = str(data.get("request_id", ""))
+        if not request_id or "/" in request_id:
+            log.warning("request %s without a valid request_id; ignored", kind)
+            return
+        try:
+            result = await self._handle_request(kind, data)
+            reply: dict[str, Any] = {"ok": True, "result": result}
+        except RequestError as exc:
+            reply = {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log.exception("request %s %s failed", kind, request_id)
+            reply = {"ok": False, "error": f"the engine failed to handle the request: {exc}"}
+        self.bridge.fire(REPLY_PREFIX + request_id, reply)
+
+    async def _handle_request(self, kind: str, data: dict[str, Any]) -> Any:
+        name = data.get("job")
+        if kind in ("kill", "run") and (not isinstance(name, str) or name not in self.jobs):
+            raise RequestError(unknown_job_message(name, self.jobs))
+        if kind == "kill":
+            assert self.manager is not None
+            signalled = self.manager.kill(name)
+            if not signalled:
+                raise RequestError(f"job '{name}' has no run in flight")
+            return {"job": name, "signalled": signalled}
+        if kind == "run":
+            log.info("job %s: run requested now", name)
+            return await self.dispatch(name, Trigger.MANUAL, None)
+        if kind == "ping":
+            return {"jobs": len(self.jobs), "ready": self._ready.is_set()}
+        raise RequestError(f"unknown request '{kind}'")
+
+
+class RequestError(Exception):
+    """A runner's request that the engine rejects, with the reason for the operator."""
+
+
+def unknown_job_message(name: object, jobs: Mapping[str, object]) -> str:
+    known = sorted(jobs)
+    listing = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
+    return f"unknown job {name!r}; known jobs: {listing or 'none'}"
+
+
+def run_engine(
+    opts: dict[str, Any],
+    config_dir: str = DEFAULT_CONFIG_DIR,
+    store_path: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> None:
+    """Run the engine until the process is stopped."""
+    log.info("saltpeter engine process %d starting", os.getpid())
+    engine = Engine(opts, config_dir=config_dir, store_path=store_path, settings=settings)
+    # A fresh loop every time: an engine that Salt restarted must not touch a
+    # loop object left over from before the fork.
+    asyncio.run(engine.run())

@@ -1,0 +1,549 @@
+"""The run manager: the one owner of runs in flight.
+
+Every change to a run goes through :class:`RunManager`, on the engine's event
+loop: starting a run, the minions' answers to the launch, the wrapper's
+frames, kill requests, and the sweep that turns silence into results. Each
+change is written to the store before it is announced on the event bus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from saltpeter import protocol
+from saltpeter.protocol import (
+    AUTH_FAILED,
+    JOB_UNAVAILABLE,
+    UNKNOWN_RUN,
+    Complete,
+    Output,
+    ProtocolError,
+    SequencedFrame,
+    Start,
+)
+from saltpeter.runs import (
+    RETCODE_LOST,
+    RETCODE_NOT_STARTED,
+    MachineRun,
+    MachineState,
+    Reason,
+    Run,
+    RunStatus,
+    SkipReason,
+    Trigger,
+    isoformat,
+    utcnow,
+)
+from saltpeter.store import RunStore
+
+if TYPE_CHECKING:
+    from saltpeter.config import Job
+
+log = logging.getLogger(__name__)
+
+OUTPUT_TAIL_CHARS = 1024
+KILL_GRACE_SECONDS = 5
+
+
+class EventSink(Protocol):
+    def fire(self, tag: str, data: dict[str, Any]) -> None: ...
+
+
+class Connection(Protocol):
+    def send_frame(self, text: str) -> None: ...
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def job_tag(job: str, *parts: str) -> str:
+    return "/".join(("saltpeter", "job", job, *parts))
+
+
+def sanitize_text(text: str) -> str:
+    """Replace lone surrogates, which JSON allows but UTF-8 and SQLite do not."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+class RunManager:
+    """Owns the runs in flight and records everything that happens to them."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        events: EventSink,
+        job_lookup: Callable[[str], Job | None],
+        launch_timeout: float = 30.0,
+        heartbeat_timeout: float = 15.0,
+        clock: Callable[[], float] = time.monotonic,
+        kill_fallback: Callable[[Run, list[str]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.events = events
+        self.job_lookup = job_lookup
+        self.launch_timeout = launch_timeout
+        self.heartbeat_timeout = heartbeat_timeout
+        self.clock = clock
+        self.kill_fallback = kill_fallback
+        self.runs: dict[str, Run] = {}
+        self._jids: dict[str, str] = {}
+        self._late_warned: set[tuple[str, str]] = set()
+
+    # -- starting runs ------------------------------------------------------
+
+    def running(self, job_name: str) -> list[Run]:
+        return [run for run in self.runs.values() if run.job_name == job_name]
+
+    def new_run_id(self, job_name: str, instant: datetime) -> str:
+        base = f"{job_name}_{int(instant.timestamp())}"
+        run_id, counter = base, 1
+        while run_id in self.runs or self.store.run_id_taken(run_id):
+            counter += 1
+            run_id = f"{base}_{counter}"
+        return run_id
+
+    def record_skip(
+        self, job_name: str, trigger: Trigger, scheduled_at: datetime | None, reason: SkipReason
+    ) -> str:
+        now = utcnow()
+        run_id = self.new_run_id(job_name, scheduled_at or now) + "_skipped"
+        running = [run.run_id for run in self.running(job_name)]
+        self.store.insert_skip(run_id, job_name, trigger, scheduled_at, now, reason)
+        log.info(
+            "job %s: skipped the %s slot: %s%s",
+            job_name,
+            isoformat(scheduled_at) or "manual",
+            reason.value,
+            f" (running: {', '.join(running)})" if running else "",
+        )
+        self.events.fire(
+            job_tag(job_name, "skipped"),
+            {
+                "job": job_name,
+                "reason": reason.value,
+                "scheduled": isoformat(scheduled_at),
+                "running": running,
+            },
+        )
+        return run_id
+
+    def start_run(
+        self,
+        job: Job,
+        trigger: Trigger,
+        scheduled_at: datetime | None,
+        targets: Iterable[str],
+        maintenance: Iterable[str],
+        jid: str,
+    ) -> tuple[Run, str]:
+        """Create and store a run; return it with its token.
+
+        Raises sqlite3.IntegrityError when the slot already has a run.
+        """
+        now = utcnow()
+        targets = sorted(targets)
+        maintenance = sorted(maintenance)
+        token = secrets.token_urlsafe(32)
+        run = Run(
+            run_id=self.new_run_id(job.name, scheduled_at or now),
+            job_name=job.name,
+            trigger=trigger,
+            scheduled_at=scheduled_at,
+            started_at=now,
+            token_hash=hash_token(token),
+            job=job,
+            jid=jid,
+        )
+        seen = self.clock()
+        for machine in targets:
+            run.machines[machine] = MachineRun(run.run_id, machine, last_seen=seen)
+        for machine in maintenance:
+            run.machines[machine] = MachineRun(
+                run.run_id, machine, state=MachineState.MAINTENANCE, reason=Reason.MAINTENANCE
+            )
+        self.store.insert_run(run, targets, maintenance)
+        for machine in maintenance:
+            self.store.append_output(run.run_id, machine, 0, "target under maintenance\n")
+            log.info(
+                "job %s run %s minion %s: target under maintenance", job.name, run.run_id, machine
+            )
+        self.runs[run.run_id] = run
+        self._jids[jid] = run.run_id
+        log.info(
+            "job %s run %s: launching on %d minion(s): %s",
+            job.name,
+            run.run_id,
+            len(targets),
+            ", ".join(targets),
+        )
+        self.events.fire(
+            job_tag(job.name, "start"),
+            {
+                "job": job.name,
+                "run_id": run.run_id,
+                "trigger": trigger.value,
+                "scheduled": isoformat(scheduled_at),
+                "targets": targets,
+                "maintenance": maintenance,
+            },
+        )
+        return run, token
+
+    def publish_failed(self, run: Run, error: str) -> None:
+        """Record 255 on every minion still waiting when the publish itself failed."""
+        for machine in run.machines.values():
+            if machine.state is MachineState.PENDING:
+                self._finish(
+                    run,
+                    machine,
+                    RETCODE_NOT_STARTED,
+                    Reason.LAUNCH_FAILED,
+                    f"publish failed: {error}",
+                )
+
+    def load_in_flight(self) -> int:
+        """Reload runs the store has as running, after an engine restart.
+
+        Their minions get a fresh heartbeat window to reconnect.
+        """
+        seen = self.clock()
+        for row in self.store.running_runs():
+            run = Run(
+                run_id=row["run_id"],
+                job_name=row["job"],
+                trigger=Trigger(row["trigger"]),
+                scheduled_at=_parse(row["scheduled_at"]),
+                started_at=_parse(row["started_at"]) or utcnow(),
+                token_hash=row["token_hash"] or "",
+                jid=row["jid"],
+            )
+            for machine in self.store.machine_runs(run.run_id):
+                machine.last_seen = seen
+                run.machines[machine.machine] = machine
+            self.runs[run.run_id] = run
+            if run.jid:
+                self._jids[run.jid] = run.run_id
+            log.info(
+                "job %s run %s: reloaded from the store, still in flight", run.job_name, run.run_id
+            )
+        return len(self.runs)
+
+    # -- the launch's return ------------------------------------------------
+
+    def run_for_jid(self, jid: str) -> Run | None:
+        run_id = self._jids.get(jid)
+        return self.runs.get(run_id) if run_id else None
+
+    def on_launch_return(self, jid: str, minion: str, data: dict[str, Any]) -> None:
+        run = self.run_for_jid(jid)
+        if run is None:
+            return
+        machine = run.machines.get(minion)
+        if machine is None or machine.state is not MachineState.PENDING:
+            return
+        ret = data.get("return")
+        if isinstance(ret, dict) and ret.get("started"):
+            machine.state = MachineState.LAUNCHED
+            machine.last_seen = self.clock()
+            self.store.update_machine(machine)
+            log.debug("job %s run %s minion %s: wrapper launched", run.job_name, run.run_id, minion)
+            return
+        if isinstance(ret, dict):
+            error = str(ret.get("error") or "the execution module did not start the wrapper")
+        else:
+            error = str(ret)
+        self._finish(run, machine, RETCODE_NOT_STARTED, Reason.LAUNCH_FAILED, error)
+
+    # -- the wrapper's connection ------------------------------------------
+
+    def authenticate(self, hello: protocol.Hello) -> tuple[Run, MachineRun]:
+        run = self.runs.get(hello.run)
+        if run is None:
+            run = self._finished_run(hello.run)
+        if run is None:
+            raise ProtocolError(UNKNOWN_RUN, f"run {hello.run} is not known to this engine")
+        expected = run.token_hash.encode()
+        if not hmac.compare_digest(expected, hash_token(hello.token).encode()):
+            raise ProtocolError(AUTH_FAILED, f"the token does not belong to run {hello.run}")
+        machine = run.machines.get(hello.machine)
+        if machine is None or machine.state is MachineState.MAINTENANCE:
+            raise ProtocolError(
+                AUTH_FAILED, f"minion {hello.machine} is not a target of run {hello.run}"
+            )
+        return run, machine
+
+    def _finished_run(self, run_id: str) -> Run | None:
+        """Load a run that is no longer in flight, for a wrapper that missed its last ack."""
+        row = self.store.run(run_id)
+        if row is None or row["status"] == RunStatus.SKIPPED.value:
+            return None
+        run = Run(
+            run_id=row["run_id"],
+            job_name=row["job"],
+            trigger=Trigger(row["trigger"]),
+            scheduled_at=_parse(row["scheduled_at"]),
+            started_at=_parse(row["started_at"]) or utcnow(),
+            token_hash=row["token_hash"] or "",
+            status=RunStatus(row["status"]),
+        )
+        for machine in self.store.machine_runs(run_id):
+            run.machines[machine.machine] = machine
+        return run
+
+    def welcome(self, run: Run, machine: MachineRun, need_job: bool) -> dict[str, Any]:
+        job_spec = None
+        if need_job and not machine.done:
+            job = run.job or self.job_lookup(run.job_name)
+            if job is None:
+                raise ProtocolError(
+                    JOB_UNAVAILABLE, f"job {run.job_name} is no longer defined on this engine"
+                )
+            job_spec = {
+                "name": job.name,
+                "command": job.command,
+                "user": job.user,
+                "cwd": job.cwd,
+                "env": dict(job.env),
+                "timeout": job.timeout,
+                "kill_grace": KILL_GRACE_SECONDS,
+            }
+        return {"acked": machine.last_seq, "job": job_spec, "heartbeat_interval": 5}
+
+    def attach(self, run: Run, machine: MachineRun, connection: Connection) -> None:
+        machine.connection = connection
+        self.touch(machine)
+        if machine.kill_requested and not machine.done:
+            connection.send_frame(protocol.encode("kill"))
+
+    def detach(self, machine: MachineRun, connection: Connection) -> None:
+        if machine.connection is connection:
+            machine.connection = None
+
+    def touch(self, machine: MachineRun) -> None:
+        machine.last_seen = self.clock()
+
+    def on_frame(self, run: Run, machine: MachineRun, frame: SequencedFrame) -> int:
+        """Store one sequenced frame if it is the next one; return the acked seq."""
+        self.touch(machine)
+        if frame.seq <= machine.last_seq:
+            return machine.last_seq
+        if frame.seq != machine.last_seq + 1:
+            log.debug(
+                "job %s run %s minion %s: dropped frame %d after a gap (stored up to %d)",
+                run.job_name,
+                run.run_id,
+                machine.machine,
+                frame.seq,
+                machine.last_seq,
+            )
+            return machine.last_seq
+        if machine.done:
+            # NOTE: frames that arrive after the minion's result was recorded
+            # (for example after it was declared lost) are acknowledged so the
+            # wrapper can exit, but not stored.
+            key = (run.run_id, machine.machine)
+            if key not in self._late_warned:
+                self._late_warned.add(key)
+                log.warning(
+                    "job %s run %s minion %s: frames arrived after the result was recorded "
+                    "(%s); acknowledged and dropped",
+                    run.job_name,
+                    run.run_id,
+                    machine.machine,
+                    machine.reason.value if machine.reason else "done",
+                )
+            return frame.seq
+        if isinstance(frame, Start):
+            self._on_start(run, machine, frame)
+        elif isinstance(frame, Output):
+            self._on_output(run, machine, frame)
+        elif isinstance(frame, Complete):
+            machine.last_seq = frame.seq
+            reason = Reason(frame.reason)
+            self._finish(run, machine, frame.retcode, reason, None)
+        return machine.last_seq
+
+    def _on_start(self, run: Run, machine: MachineRun, frame: Start) -> None:
+        machine.last_seq = frame.seq
+        machine.state = MachineState.RUNNING
+        machine.pid = frame.pid
+        machine.started_at = utcnow()
+        self.store.update_machine(machine)
+        log.info(
+            "job %s run %s minion %s: command started as pid %d",
+            run.job_name,
+            run.run_id,
+            machine.machine,
+            frame.pid,
+        )
+        self.events.fire(
+            job_tag(run.job_name, machine.machine, "start"),
+            {
+                "job": run.job_name,
+                "run_id": run.run_id,
+                "minion": machine.machine,
+                "pid": frame.pid,
+                "time": isoformat(machine.started_at),
+            },
+        )
+
+    def _on_output(self, run: Run, machine: MachineRun, frame: Output) -> None:
+        data = sanitize_text(frame.data)
+        machine.last_seq = frame.seq
+        self.store.append_output(run.run_id, machine.machine, frame.seq, data)
+        machine.output_tail = (machine.output_tail + data)[-OUTPUT_TAIL_CHARS:]
+
+    # -- results ------------------------------------------------------------
+
+    def _finish(
+        self, run: Run, machine: MachineRun, retcode: int, reason: Reason, note: str | None
+    ) -> None:
+        if machine.done:
+            return
+        if note:
+            text = note if note.endswith("\n") else note + "\n"
+            self.store.append_output(run.run_id, machine.machine, machine.last_seq, text)
+            machine.output_tail = (machine.output_tail + text)[-OUTPUT_TAIL_CHARS:]
+        machine.state = MachineState.DONE
+        machine.retcode = retcode
+        machine.reason = reason
+        machine.ended_at = utcnow()
+        self.store.update_machine(machine)
+        log_level = logging.INFO if retcode == 0 else logging.WARNING
+        log.log(
+            log_level,
+            "job %s run %s minion %s: finished with retcode %d (%s)%s",
+            run.job_name,
+            run.run_id,
+            machine.machine,
+            retcode,
+            reason.value,
+            f": {note.strip()}" if note else "",
+        )
+        self.events.fire(
+            job_tag(run.job_name, machine.machine, "complete"),
+            {
+                "job": run.job_name,
+                "run_id": run.run_id,
+                "minion": machine.machine,
+                "retcode": retcode,
+                "reason": reason.value,
+                "output_tail": machine.output_tail,
+            },
+        )
+        if not run.in_flight:
+            self._finish_run(run)
+
+    def _finish_run(self, run: Run) -> None:
+        run.ended_at = utcnow()
+        run.status = run.final_status()
+        self.store.finish_run(run)
+        self.runs.pop(run.run_id, None)
+        if run.jid:
+            self._jids.pop(run.jid, None)
+        retcodes = run.retcodes()
+        log.info(
+            "job %s run %s: finished, %s: %s",
+            run.job_name,
+            run.run_id,
+            run.status.value,
+            ", ".join(f"{name}={code}" for name, code in retcodes.items()),
+        )
+        self.events.fire(
+            job_tag(run.job_name, "complete"),
+            {
+                "job": run.job_name,
+                "run_id": run.run_id,
+                "retcodes": retcodes,
+                "success": run.status is RunStatus.SUCCEEDED,
+                "started": isoformat(run.started_at),
+                "ended": isoformat(run.ended_at),
+            },
+        )
+
+    def sweep(self) -> None:
+        """Turn silence past its deadline into results; called about once a second."""
+        now = self.clock()
+        for run in list(self.runs.values()):
+            for machine in list(run.machines.values()):
+                verdict = sweep_verdict(
+                    machine.state,
+                    now - machine.last_seen,
+                    self.launch_timeout,
+                    self.heartbeat_timeout,
+                )
+                if verdict is not None:
+                    retcode, reason, note = verdict
+                    self._finish(run, machine, retcode, reason, note)
+
+    # -- kill ---------------------------------------------------------------
+
+    def kill(self, job_name: str) -> dict[str, list[str]]:
+        """Ask every in-flight minion of the job's runs to stop; return who was signalled."""
+        signalled: dict[str, list[str]] = {}
+        for run in self.running(job_name):
+            fallback: list[str] = []
+            for machine in run.machines.values():
+                if not machine.state.in_flight:
+                    continue
+                machine.kill_requested = True
+                signalled.setdefault(run.run_id, []).append(machine.machine)
+                if machine.connection is not None:
+                    machine.connection.send_frame(protocol.encode("kill"))
+                elif machine.state is MachineState.RUNNING:
+                    fallback.append(machine.machine)
+                log.info(
+                    "job %s run %s minion %s: kill requested (%s)",
+                    job_name,
+                    run.run_id,
+                    machine.machine,
+                    "sent to the wrapper"
+                    if machine.connection is not None
+                    else "wrapper not connected",
+                )
+            if fallback and self.kill_fallback is not None:
+                self.kill_fallback(run, sorted(fallback))
+        return {run_id: sorted(machines) for run_id, machines in signalled.items()}
+
+
+def sweep_verdict(
+    state: MachineState, silent_for: float, launch_timeout: float, heartbeat_timeout: float
+) -> tuple[int, Reason, str] | None:
+    """Decide whether a minion's silence of ``silent_for`` seconds ends its run.
+
+    A minion that never answered the launch gets ``launch_timeout``; a wrapper
+    that was launched but never connected, or stopped sending frames, gets
+    ``heartbeat_timeout``. Durations come from time.monotonic().
+    """
+    if state is MachineState.PENDING and silent_for > launch_timeout:
+        return (
+            RETCODE_NOT_STARTED,
+            Reason.NO_RESPONSE,
+            f"target did not respond to the launch within {launch_timeout:g} s",
+        )
+    if state is MachineState.LAUNCHED and silent_for > heartbeat_timeout:
+        return (
+            RETCODE_NOT_STARTED,
+            Reason.LAUNCH_FAILED,
+            f"the wrapper started but did not connect to the engine within "
+            f"{heartbeat_timeout:g} s; check that the minion can reach machines_ws_port",
+        )
+    if state is MachineState.RUNNING and silent_for > heartbeat_timeout:
+        return (
+            RETCODE_LOST,
+            Reason.LOST,
+            f"no heartbeat from the wrapper for {heartbeat_timeout:g} s",
+        )
+    return None
+
+
+def _parse(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None

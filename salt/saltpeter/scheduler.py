@@ -1,0 +1,139 @@
+"""The scheduler: a heap of next fire times, one entry per job.
+
+The loop sleeps until the earliest entry is due, fires every job due at that
+instant, and pushes each job's following fire time. It never scans all jobs
+on a tick, so idle cost does not grow with the number of jobs. A reload
+replaces the entries of changed jobs by bumping their generation; stale heap
+entries are discarded when they surface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from saltpeter.runs import utcnow
+
+if TYPE_CHECKING:
+    from saltpeter.config import Job
+
+log = logging.getLogger(__name__)
+
+# The longest the loop sleeps before it looks at the wall clock again, so a
+# step of the system clock delays a fire by at most this much.
+MAX_SLEEP_SECONDS = 30.0
+# A fire later than this has missed its slot's neighbours too: the scheduler
+# skips forward instead of firing every slot it slept through.
+CATCH_UP_SLACK = timedelta(seconds=1)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fire_at: datetime
+    generation: int
+
+
+class Scheduler:
+    """Fires ``on_fire(job_name, scheduled_at)`` at each job's scheduled instants."""
+
+    def __init__(
+        self,
+        on_fire: Callable[[str, datetime], None],
+        clock: Callable[[], datetime] = utcnow,
+        on_next: Callable[[str, datetime | None], None] | None = None,
+    ) -> None:
+        self.on_fire = on_fire
+        self.on_next = on_next
+        self.clock = clock
+        self._jobs: dict[str, Job] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._heap: list[tuple[datetime, str, int]] = []
+        self._generation = 0
+        self._wake = asyncio.Event()
+
+    def next_fire(self, name: str) -> datetime | None:
+        entry = self._entries.get(name)
+        return entry.fire_at if entry else None
+
+    def update(self, jobs: Mapping[str, Job]) -> None:
+        """Take a new set of job definitions; unchanged schedules keep their next fire time."""
+        now = self.clock()
+        for name in list(self._jobs):
+            if name not in jobs:
+                del self._jobs[name]
+                self._entries.pop(name, None)
+                log.info("job %s: removed from the schedule", name)
+        for name, job in jobs.items():
+            previous = self._jobs.get(name)
+            self._jobs[name] = job
+            if previous is not None and _same_schedule(previous, job) and name in self._entries:
+                continue
+            self._push(name, job.schedule.next_after(now))
+        self._wake.set()
+
+    def _push(self, name: str, fire_at: datetime | None) -> None:
+        self._generation += 1
+        if fire_at is None:
+            self._entries.pop(name, None)
+            log.info("job %s: the schedule has no further fire times", name)
+        else:
+            self._entries[name] = _Entry(fire_at, self._generation)
+            heapq.heappush(self._heap, (fire_at, name, self._generation))
+        if self.on_next is not None:
+            self.on_next(name, fire_at)
+
+    def _pop_due(self, now: datetime) -> list[tuple[str, datetime]]:
+        due: list[tuple[str, datetime]] = []
+        while self._heap and self._heap[0][0] <= now:
+            fire_at, name, generation = heapq.heappop(self._heap)
+            entry = self._entries.get(name)
+            if entry is None or entry.generation != generation:
+                continue
+            due.append((name, fire_at))
+            job = self._jobs[name]
+            following = job.schedule.next_after(fire_at)
+            if following is not None and following < now - CATCH_UP_SLACK:
+                skipped_to = job.schedule.next_after(now - CATCH_UP_SLACK)
+                log.warning(
+                    "job %s: the scheduler fell behind; slots from %s to %s are not fired",
+                    name,
+                    following.isoformat(),
+                    skipped_to.isoformat() if skipped_to else "the end of the schedule",
+                )
+                following = skipped_to
+            self._push(name, following)
+        return due
+
+    def seconds_until_next(self, now: datetime) -> float:
+        while self._heap:
+            fire_at, name, generation = self._heap[0]
+            entry = self._entries.get(name)
+            if entry is not None and entry.generation == generation:
+                return max(0.0, (fire_at - now).total_seconds())
+            heapq.heappop(self._heap)
+        return MAX_SLEEP_SECONDS
+
+    async def run(self) -> None:
+        while True:
+            now = self.clock()
+            for name, fire_at in self._pop_due(now):
+                try:
+                    self.on_fire(name, fire_at)
+                except Exception:
+                    log.exception("job %s: firing the %s slot failed", name, fire_at.isoformat())
+            delay = min(self.seconds_until_next(self.clock()), MAX_SLEEP_SECONDS)
+            if delay > 0:
+                log.debug("scheduler: sleeping %.3f s until the next fire time", delay)
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+
+def _same_schedule(old: Job, new: Job) -> bool:
+    return old.schedule == new.schedule

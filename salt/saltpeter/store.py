@@ -1,0 +1,482 @@
+"""The run store: jobs, runs, per-minion results and output in SQLite.
+
+The engine is the only writer. Runners open the same file read-only from
+their own processes, which SQLite's write-ahead log allows while the engine
+writes. Timestamps are stored as ISO 8601 strings in UTC.
+
+Output kept per minion and run is capped at ``max_output_bytes`` (UTF-8
+bytes): the first half is kept as it arrived, and after that only the most
+recent half, so the start and the end of a long output both survive. The
+read side marks the cut with how many bytes were dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from saltpeter.runs import (
+    MachineRun,
+    MachineState,
+    Reason,
+    Run,
+    RunStatus,
+    SkipReason,
+    Trigger,
+    isoformat,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    next_run TEXT,
+    last_run TEXT,
+    last_run_id TEXT
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    job TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    scheduled_at TEXT,
+    started_at TEXT NOT NULL,
+    ended_at TEXT,
+    status TEXT NOT NULL,
+    skip_reason TEXT,
+    token_hash TEXT,
+    jid TEXT,
+    targets TEXT NOT NULL DEFAULT '[]',
+    maintenance TEXT NOT NULL DEFAULT '[]',
+    UNIQUE (job, scheduled_at)
+);
+CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job, started_at);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
+CREATE TABLE IF NOT EXISTS results (
+    run_id TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    state TEXT NOT NULL,
+    retcode INTEGER,
+    reason TEXT,
+    started_at TEXT,
+    ended_at TEXT,
+    pid INTEGER,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    head_bytes INTEGER NOT NULL DEFAULT 0,
+    tail_bytes INTEGER NOT NULL DEFAULT 0,
+    dropped_bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, machine)
+);
+CREATE TABLE IF NOT EXISTS output (
+    id INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    part TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS output_by_machine ON output (run_id, machine, id);
+"""
+
+
+class StoreError(Exception):
+    pass
+
+
+@dataclass
+class _OutputCounters:
+    head: int
+    tail: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class JobRow:
+    name: str
+    definition: dict[str, Any]
+    next_run: str | None
+    last_run: str | None
+    last_run_id: str | None
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def _split_at_bytes(text: str, limit: int) -> tuple[str, str]:
+    """Split ``text`` so the first part is at most ``limit`` UTF-8 bytes."""
+    head = text.encode("utf-8")[:limit].decode("utf-8", "ignore")
+    return head, text[len(head) :]
+
+
+def _drop_front_bytes(text: str, count: int) -> str:
+    """Drop at least ``count`` UTF-8 bytes from the front of ``text``."""
+    return text.encode("utf-8")[count:].decode("utf-8", "ignore")
+
+
+class RunStore:
+    """SQLite persistence for jobs, runs, results and output."""
+
+    def __init__(self, path: Path, max_output_bytes: int = 1048576, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.max_output_bytes = max_output_bytes
+        self.readonly = readonly
+        self._counters: dict[tuple[str, str], _OutputCounters] = {}
+        if readonly:
+            if not self.path.exists():
+                raise StoreError(
+                    f"run store {self.path} does not exist; the saltpeter engine creates it "
+                    "when it starts (is it listed under engines: in the master config?)"
+                )
+            self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            self.path.chmod(0o600)
+        self._db.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- jobs ---------------------------------------------------------------
+
+    def sync_jobs(self, definitions: Mapping[str, Mapping[str, Any]]) -> None:
+        """Make the jobs table hold exactly ``definitions``, keeping run times."""
+        with self._db:
+            self._db.execute("BEGIN")
+            known = {row[0] for row in self._db.execute("SELECT name FROM jobs")}
+            for name in known - set(definitions):
+                self._db.execute("DELETE FROM jobs WHERE name = ?", (name,))
+            self._db.executemany(
+                "INSERT INTO jobs (name, definition) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET definition = excluded.definition",
+                [
+                    (name, json.dumps(definition, sort_keys=True))
+                    for name, definition in definitions.items()
+                ],
+            )
+
+    def set_next_run(self, name: str, instant: datetime | None) -> None:
+        self._db.execute("UPDATE jobs SET next_run = ? WHERE name = ?", (isoformat(instant), name))
+
+    def jobs(self) -> dict[str, JobRow]:
+        rows = self._db.execute("SELECT * FROM jobs ORDER BY name")
+        return {
+            row["name"]: JobRow(
+                name=row["name"],
+                definition=json.loads(row["definition"]),
+                next_run=row["next_run"],
+                last_run=row["last_run"],
+                last_run_id=row["last_run_id"],
+            )
+            for row in rows
+        }
+
+    # -- runs ---------------------------------------------------------------
+
+    def run_id_taken(self, run_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return row is not None
+
+    def slot_taken(self, job: str, scheduled_at: datetime) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM runs WHERE job = ? AND scheduled_at = ?",
+            (job, isoformat(scheduled_at)),
+        ).fetchone()
+        return row is not None
+
+    def insert_run(self, run: Run, targets: Iterable[str], maintenance: Iterable[str]) -> None:
+        """Store a new run and a pending result for each target.
+
+        Raises sqlite3.IntegrityError if the job already has a run for the
+        same scheduled instant, so a slot never starts twice.
+        """
+        started = isoformat(run.started_at)
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT INTO runs (run_id, job, trigger, scheduled_at, started_at, status, "
+                "token_hash, jid, targets, maintenance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run.run_id,
+                    run.job_name,
+                    run.trigger.value,
+                    isoformat(run.scheduled_at),
+                    started,
+                    RunStatus.RUNNING.value,
+                    run.token_hash,
+                    run.jid,
+                    json.dumps(sorted(targets)),
+                    json.dumps(sorted(maintenance)),
+                ),
+            )
+            self._db.executemany(
+                "INSERT INTO results (run_id, machine, state, retcode, reason) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (
+                        run.run_id,
+                        machine.machine,
+                        machine.state.value,
+                        machine.retcode,
+                        machine.reason.value if machine.reason else None,
+                    )
+                    for machine in run.machines.values()
+                ],
+            )
+            self._db.execute(
+                "UPDATE jobs SET last_run = ?, last_run_id = ? WHERE name = ?",
+                (started, run.run_id, run.job_name),
+            )
+
+    def insert_skip(
+        self,
+        run_id: str,
+        job: str,
+        trigger: Trigger,
+        scheduled_at: datetime | None,
+        at: datetime,
+        reason: SkipReason,
+    ) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO runs (run_id, job, trigger, scheduled_at, started_at, "
+                "ended_at, status, skip_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    job,
+                    trigger.value,
+                    isoformat(scheduled_at),
+                    isoformat(at),
+                    isoformat(at),
+                    RunStatus.SKIPPED.value,
+                    reason.value,
+                ),
+            )
+
+    def set_jid(self, run_id: str, jid: str) -> None:
+        self._db.execute("UPDATE runs SET jid = ? WHERE run_id = ?", (jid, run_id))
+
+    def update_machine(self, machine: MachineRun) -> None:
+        self._db.execute(
+            "UPDATE results SET state = ?, retcode = ?, reason = ?, started_at = ?, "
+            "ended_at = ?, pid = ?, last_seq = ? WHERE run_id = ? AND machine = ?",
+            (
+                machine.state.value,
+                machine.retcode,
+                machine.reason.value if machine.reason else None,
+                isoformat(machine.started_at),
+                isoformat(machine.ended_at),
+                machine.pid,
+                machine.last_seq,
+                machine.run_id,
+                machine.machine,
+            ),
+        )
+
+    def finish_run(self, run: Run) -> None:
+        self._db.execute(
+            "UPDATE runs SET status = ?, ended_at = ? WHERE run_id = ?",
+            (run.status.value, isoformat(run.ended_at), run.run_id),
+        )
+        for key in [key for key in self._counters if key[0] == run.run_id]:
+            del self._counters[key]
+
+    # -- output -------------------------------------------------------------
+
+    def _output_counters(self, run_id: str, machine: str) -> _OutputCounters:
+        key = (run_id, machine)
+        counters = self._counters.get(key)
+        if counters is None:
+            row = self._db.execute(
+                "SELECT head_bytes, tail_bytes, dropped_bytes FROM results "
+                "WHERE run_id = ? AND machine = ?",
+                (run_id, machine),
+            ).fetchone()
+            counters = _OutputCounters(*row) if row else _OutputCounters(0, 0, 0)
+            self._counters[key] = counters
+        return counters
+
+    def append_output(self, run_id: str, machine: str, seq: int, data: str) -> None:
+        """Store one output chunk and the frame's sequence number, capping the total."""
+        counters = self._output_counters(run_id, machine)
+        head_cap = self.max_output_bytes // 2
+        tail_cap = self.max_output_bytes - head_cap
+        with self._db:
+            self._db.execute("BEGIN")
+            if counters.head < head_cap:
+                head, data = _split_at_bytes(data, head_cap - counters.head)
+                if head:
+                    self._db.execute(
+                        "INSERT INTO output (run_id, machine, part, data) VALUES (?, ?, 'head', ?)",
+                        (run_id, machine, head),
+                    )
+                    counters.head += _utf8_len(head)
+            if data:
+                self._append_tail(run_id, machine, data, counters, tail_cap)
+            self._db.execute(
+                "UPDATE results SET last_seq = ?, head_bytes = ?, tail_bytes = ?, "
+                "dropped_bytes = ? WHERE run_id = ? AND machine = ?",
+                (seq, counters.head, counters.tail, counters.dropped, run_id, machine),
+            )
+
+    def _append_tail(
+        self, run_id: str, machine: str, data: str, counters: _OutputCounters, tail_cap: int
+    ) -> None:
+        size = _utf8_len(data)
+        if size > tail_cap:
+            kept = _drop_front_bytes(data, size - tail_cap)
+            counters.dropped += size - _utf8_len(kept)
+            data, size = kept, _utf8_len(kept)
+        self._db.execute(
+            "INSERT INTO output (run_id, machine, part, data) VALUES (?, ?, 'tail', ?)",
+            (run_id, machine, data),
+        )
+        counters.tail += size
+        # Drop the oldest tail chunks, then trim the oldest survivor, until the
+        # tail fits its half of the cap again.
+        while counters.tail > tail_cap:
+            oldest = self._db.execute(
+                "SELECT id, data FROM output WHERE run_id = ? AND machine = ? AND part = 'tail' "
+                "ORDER BY id LIMIT 1",
+                (run_id, machine),
+            ).fetchone()
+            excess = counters.tail - tail_cap
+            oldest_size = _utf8_len(oldest["data"])
+            if oldest_size <= excess:
+                self._db.execute("DELETE FROM output WHERE id = ?", (oldest["id"],))
+                counters.tail -= oldest_size
+                counters.dropped += oldest_size
+            else:
+                kept = _drop_front_bytes(oldest["data"], excess)
+                removed = oldest_size - _utf8_len(kept)
+                self._db.execute("UPDATE output SET data = ? WHERE id = ?", (kept, oldest["id"]))
+                counters.tail -= removed
+                counters.dropped += removed
+
+    def output(self, run_id: str, machine: str) -> str:
+        """Return the stored output, with a marker where the cap dropped bytes."""
+        rows = self._db.execute(
+            "SELECT part, data FROM output WHERE run_id = ? AND machine = ? ORDER BY id",
+            (run_id, machine),
+        ).fetchall()
+        dropped_row = self._db.execute(
+            "SELECT dropped_bytes FROM results WHERE run_id = ? AND machine = ?",
+            (run_id, machine),
+        ).fetchone()
+        dropped = dropped_row[0] if dropped_row else 0
+        head = "".join(row["data"] for row in rows if row["part"] == "head")
+        tail = "".join(row["data"] for row in rows if row["part"] == "tail")
+        if dropped:
+            return f"{head}\n[saltpeter: {dropped} bytes of output dropped]\n{tail}"
+        return head + tail
+
+    # -- reads --------------------------------------------------------------
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return self._run_dict(row) if row else None
+
+    def runs(self, job: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        if job is None:
+            rows = self._db.execute(
+                "SELECT * FROM runs ORDER BY started_at DESC, rowid DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM runs WHERE job = ? ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                (job, limit),
+            )
+        return [self._run_dict(row) for row in rows.fetchall()]
+
+    def running_runs(self) -> list[dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT * FROM runs WHERE status = ? ORDER BY started_at", (RunStatus.RUNNING.value,)
+        )
+        return [self._run_dict(row) for row in rows.fetchall()]
+
+    def latest_run(self, job: str, include_skipped: bool = False) -> dict[str, Any] | None:
+        query = "SELECT * FROM runs WHERE job = ?"
+        if not include_skipped:
+            query += f" AND status != '{RunStatus.SKIPPED.value}'"
+        row = self._db.execute(
+            query + " ORDER BY started_at DESC, rowid DESC LIMIT 1", (job,)
+        ).fetchone()
+        return self._run_dict(row) if row else None
+
+    def results(self, run_id: str, with_output: bool = True) -> dict[str, dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT * FROM results WHERE run_id = ? ORDER BY machine", (run_id,)
+        ).fetchall()
+        results: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            result = {
+                "state": row["state"],
+                "retcode": row["retcode"],
+                "reason": row["reason"],
+                "started_at": row["started_at"],
+                "ended_at": row["ended_at"],
+                "pid": row["pid"],
+                "last_seq": row["last_seq"],
+            }
+            if with_output:
+                result["output"] = self.output(run_id, row["machine"])
+            results[row["machine"]] = result
+        return results
+
+    def machine_runs(self, run_id: str) -> list[MachineRun]:
+        rows = self._db.execute("SELECT * FROM results WHERE run_id = ?", (run_id,)).fetchall()
+        return [
+            MachineRun(
+                run_id=run_id,
+                machine=row["machine"],
+                state=MachineState(row["state"]),
+                retcode=row["retcode"],
+                reason=Reason(row["reason"]) if row["reason"] else None,
+                started_at=_parse_instant(row["started_at"]),
+                ended_at=_parse_instant(row["ended_at"]),
+                pid=row["pid"],
+                last_seq=row["last_seq"],
+            )
+            for row in rows
+        ]
+
+    @staticmethod
+    def _run_dict(row: sqlite3.Row) -> dict[str, Any]:
+        return {
+            "run_id": row["run_id"],
+            "job": row["job"],
+            "trigger": row["trigger"],
+            "scheduled_at": row["scheduled_at"],
+            "started_at": row["started_at"],
+            "ended_at": row["ended_at"],
+            "status": row["status"],
+            "skip_reason": row["skip_reason"],
+            "token_hash": row["token_hash"],
+            "jid": row["jid"],
+            "targets": json.loads(row["targets"]),
+            "maintenance": json.loads(row["maintenance"]),
+        }
+
+
+def _parse_instant(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None

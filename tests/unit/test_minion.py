@@ -1,0 +1,354 @@
+"""Tests of saltpeter.minion and the saltpeter execution module.
+
+Runs that need a connected wrapper use the scripted WebSocket peer from
+wrapper_peer.py, a stand-in for the engine that the test starts on 127.0.0.1
+(the real engine is not involved). The stand-ins for a broken wrapper are small
+Python scripts written by the tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from salt.exceptions import CommandExecutionError
+from wrapper_peer import (
+    MACHINE_ID,
+    WRAPPER_PATH,
+    ScriptedPeer,
+    WrapperProcess,
+    job_processes,
+    new_run_id,
+    read_proc,
+)
+
+from saltpeter import minion, wrapper
+
+MODULE_PATH = Path(__file__).resolve().parents[2] / "_modules" / "saltpeter.py"
+TERM_IGNORING_COMMAND = "trap '' TERM; sh -c 'trap \"\" TERM; sleep 30' & sleep 30"
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' /proc entries")
+
+
+def job(command: str, **fields: object) -> dict[str, object]:
+    return {"name": "testjob", "command": command, "cwd": "/tmp", "kill_grace": 1, **fields}
+
+
+@pytest.fixture
+def peer() -> Iterator[ScriptedPeer]:
+    scripted = ScriptedPeer(token=secrets.token_hex(16))
+    scripted.start()
+    yield scripted
+    scripted.stop()
+
+
+@pytest.fixture
+def run(peer: ScriptedPeer, tmp_path: Path) -> Iterator[WrapperProcess]:
+    process = WrapperProcess(peer, tmp_path)
+    yield process
+    process.cleanup()
+
+
+def fake_wrapper(tmp_path: Path, body: str) -> str:
+    """Write a Python script to use as a broken wrapper and return its path."""
+    path = tmp_path / "fake_wrapper.py"
+    path.write_text(body)
+    return str(path)
+
+
+def launch_args(tmp_path: Path, **overrides: object) -> dict[str, object]:
+    args: dict[str, object] = {
+        "run_id": new_run_id(),
+        "job": "testjob",
+        "url": "ws://127.0.0.1:9/wrapper",
+        "token": "token-for-test",
+        "machine_id": MACHINE_ID,
+        "wrapper_path": WRAPPER_PATH,
+        "loglevel": "normal",
+        "logdir": str(tmp_path / "log"),
+        "statedir": str(tmp_path / "state"),
+    }
+    args.update(overrides)
+    return args
+
+
+class TestLaunch:
+    def test_starts_detached_wrapper(self, peer: ScriptedPeer, run: WrapperProcess) -> None:
+        peer.job = job("sleep 1")
+        result = run.launch()
+        assert result == {"started": True, "pid": run.pid}
+        stat = read_proc(str(run.pid), "stat").decode()
+        session = int(stat[stat.rindex(")") + 2 :].split()[3])
+        assert session == run.pid
+        for fd in (0, 1, 2):
+            assert os.readlink(f"/proc/{run.pid}/fd/{fd}") == "/dev/null"
+        peer.wait_complete()
+        assert run.wait_exit() == 0
+
+    def test_token_not_in_wrapper_argv(self, peer: ScriptedPeer, run: WrapperProcess) -> None:
+        peer.job = job("sleep 1")
+        run.start()
+        assert peer.token.encode() not in read_proc(str(run.pid), "cmdline")
+        peer.wait_complete()
+        assert run.wait_exit() == 0
+
+    def test_missing_wrapper_says_apply_state(self, tmp_path: Path) -> None:
+        missing = str(tmp_path / "sp_wrapper.py")
+        result = minion.launch(**launch_args(tmp_path, wrapper_path=missing))  # type: ignore[arg-type]
+        assert result["started"] is False
+        assert f"wrapper not found at {missing}" in str(result["error"])
+        assert "state.apply saltpeter" in str(result["error"])
+
+    @pytest.mark.parametrize(
+        ("field", "value", "message"),
+        [
+            ("run_id", "../etc", "invalid argument: run id '../etc' contains '/' or '..'"),
+            ("job", "a/b", "invalid argument: job name 'a/b' contains '/' or '..'"),
+            ("machine_id", "", "invalid argument: machine id is empty"),
+            ("loglevel", "verbose", "invalid loglevel 'verbose'"),
+        ],
+    )
+    def test_rejects_invalid_arguments(
+        self, tmp_path: Path, field: str, value: str, message: str
+    ) -> None:
+        result = minion.launch(**launch_args(tmp_path, **{field: value}))  # type: ignore[arg-type]
+        assert result["started"] is False
+        assert str(result["error"]).startswith(message)
+        assert not (tmp_path / "state").exists()
+
+    def test_reports_wrapper_error_line(self, tmp_path: Path) -> None:
+        result = minion.launch(**launch_args(tmp_path, url="http://127.0.0.1/"))  # type: ignore[arg-type]
+        assert result == {
+            "started": False,
+            "error": "invalid --url 'http://127.0.0.1/': expected a ws:// or wss:// URL",
+        }
+
+    def test_reports_missing_token(self, tmp_path: Path) -> None:
+        result = minion.launch(**launch_args(tmp_path, token=""))  # type: ignore[arg-type]
+        assert result["started"] is False
+        assert "SP_RUN_TOKEN" in str(result["error"])
+
+    def test_reports_unwritable_statedir(self, tmp_path: Path) -> None:
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        result = minion.launch(**launch_args(tmp_path, statedir=str(blocker / "state")))  # type: ignore[arg-type]
+        assert result["started"] is False
+        assert f"cannot create state directory {blocker / 'state'}" in str(result["error"])
+
+    def test_ready_timeout_kills_wrapper(self, tmp_path: Path) -> None:
+        pid_file = tmp_path / "pid"
+        script = fake_wrapper(
+            tmp_path,
+            f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+            "time.sleep(60)\n",
+        )
+        result = minion.launch(
+            **launch_args(tmp_path, wrapper_path=script),  # type: ignore[arg-type]
+            ready_timeout=1.0,
+        )
+        assert result == {
+            "started": False,
+            "error": "the wrapper sent no ready line within 1 s and was killed",
+        }
+        assert read_proc(pid_file.read_text(), "stat") == b""
+
+    def test_reports_exit_without_ready_line(self, tmp_path: Path) -> None:
+        script = fake_wrapper(tmp_path, "import sys\nsys.exit(3)\n")
+        result = minion.launch(**launch_args(tmp_path, wrapper_path=script))  # type: ignore[arg-type]
+        assert result == {
+            "started": False,
+            "error": "the wrapper exited with status 3 after no ready line",
+        }
+
+
+class TestRunning:
+    def test_lists_live_run(self, peer: ScriptedPeer, run: WrapperProcess) -> None:
+        peer.job = job("sleep 1")
+        run.start()
+        start = peer.wait_start()
+        records = minion.running(str(run.statedir))
+        assert len(records) == 1
+        assert records[0]["run"] == run.run_id
+        assert records[0]["wrapper_pid"] == run.pid
+        assert records[0]["pid"] == start["pid"]
+        peer.wait_complete()
+        assert run.wait_exit() == 0
+        assert minion.running(str(run.statedir)) == []
+
+    def test_skips_stale_and_broken_records(self, tmp_path: Path) -> None:
+        exited = subprocess.Popen(["true"])
+        exited.wait()
+        (tmp_path / "stale.json").write_text(
+            json.dumps({"run": "stale", "wrapper_pid": exited.pid, "pgid": None})
+        )
+        # A live pid that belongs to another program, as after pid reuse.
+        (tmp_path / "reused.json").write_text(
+            json.dumps({"run": "reused", "wrapper_pid": os.getpid()})
+        )
+        (tmp_path / "broken.json").write_text("{not json")
+        assert minion.running(str(tmp_path)) == []
+
+    def test_missing_statedir_lists_nothing(self, tmp_path: Path) -> None:
+        assert minion.running(str(tmp_path / "absent")) == []
+
+
+class TestKillLocal:
+    def test_wrapper_kills_and_reports(self, peer: ScriptedPeer, run: WrapperProcess) -> None:
+        peer.job = job(TERM_IGNORING_COMMAND, kill_grace=1)
+        run.start()
+        pgid = peer.wait_start()["pid"]
+        result = minion.kill_local(run.run_id, str(run.statedir), grace=10)
+        assert result == {
+            "killed": True,
+            "run": run.run_id,
+            "wrapper_pid": run.pid,
+            "pgid": pgid,
+            "forced": False,
+        }
+        assert job_processes(run.run_id) == []
+        complete = peer.wait_complete()
+        assert complete["reason"] == "killed"
+        assert complete["retcode"] == 143
+        assert run.wait_exit() == 0
+
+    def test_stopped_wrapper_forces_sigkill(self, peer: ScriptedPeer, run: WrapperProcess) -> None:
+        peer.job = job(TERM_IGNORING_COMMAND, kill_grace=30)
+        run.start()
+        peer.wait_start()
+        assert run.pid is not None
+        os.kill(run.pid, signal.SIGSTOP)
+        try:
+            result = minion.kill_local(run.run_id, str(run.statedir), grace=0.5)
+        finally:
+            os.kill(run.pid, signal.SIGCONT)
+        assert result["killed"] is True
+        assert result["forced"] is True
+        assert "error" not in result
+        assert job_processes(run.run_id) == []
+        complete = peer.wait_complete()
+        assert complete["reason"] == "killed"
+        assert run.wait_exit() == 0
+
+    def test_dead_wrapper_leaves_processes_to_kill(
+        self, peer: ScriptedPeer, run: WrapperProcess
+    ) -> None:
+        peer.job = job("sleep 30")
+        run.start()
+        peer.wait_start()
+        assert run.pid is not None
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait_exit()
+        assert job_processes(run.run_id)
+        result = minion.kill_local(run.run_id, str(run.statedir))
+        assert result["killed"] is True
+        assert result["forced"] is True
+        assert job_processes(run.run_id) == []
+        assert not run.record_path.exists()
+
+    def test_stale_record_without_processes(self, tmp_path: Path) -> None:
+        record = tmp_path / "r1.json"
+        record.write_text(json.dumps({"run": "r1", "wrapper_pid": 2**22 + 1, "pgid": 2**22 + 1}))
+        result = minion.kill_local("r1", str(tmp_path))
+        assert result["killed"] is False
+        assert result["error"] == "run r1 is not running; removed its stale record"
+        assert not record.exists()
+
+    def test_unknown_run(self, tmp_path: Path) -> None:
+        result = minion.kill_local("r2", str(tmp_path))
+        assert result == {
+            "killed": False,
+            "run": "r2",
+            "error": f"no local record of run r2 in {tmp_path}",
+        }
+
+    def test_invalid_run_id(self, tmp_path: Path) -> None:
+        result = minion.kill_local("../x", str(tmp_path))
+        assert result["killed"] is False
+        assert "contains '/' or '..'" in str(result["error"])
+
+
+class TestWrapperVersion:
+    def test_returns_version(self) -> None:
+        assert minion.wrapper_version(WRAPPER_PATH) == wrapper.__version__
+
+    def test_missing_wrapper_raises(self, tmp_path: Path) -> None:
+        with pytest.raises(minion.WrapperError, match=r"state\.apply saltpeter"):
+            minion.wrapper_version(str(tmp_path / "sp_wrapper.py"))
+
+    def test_failing_wrapper_raises(self, tmp_path: Path) -> None:
+        script = fake_wrapper(tmp_path, "import sys\nsys.exit('broken install')\n")
+        with pytest.raises(minion.WrapperError, match="failed with status 1: broken install"):
+            minion.wrapper_version(script)
+
+
+@pytest.fixture
+def module(tmp_path: Path) -> ModuleType:
+    """The execution module with the dunders that Salt's loader would inject."""
+    spec = importlib.util.spec_from_file_location("saltpeter_exec_module", MODULE_PATH)
+    assert spec is not None
+    assert spec.loader is not None
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    loaded.__opts__ = {"id": MACHINE_ID, "saltpeter_statedir": str(tmp_path / "state")}  # type: ignore[attr-defined]
+    loaded.__context__ = {}  # type: ignore[attr-defined]
+    return loaded
+
+
+class TestExecutionModule:
+    def test_virtual_name(self, module: ModuleType) -> None:
+        assert module.__virtual__() == "saltpeter"
+
+    @pytest.mark.parametrize("name", ["launch", "running", "kill_local", "wrapper_version"])
+    def test_docstring_has_cli_example(self, module: ModuleType, name: str) -> None:
+        assert "CLI Example:" in getattr(module, name).__doc__
+
+    def test_launch_failure_sets_retcode(self, module: ModuleType, tmp_path: Path) -> None:
+        result = module.launch(
+            "r1", "testjob", "ws://127.0.0.1:9/wrapper", "tok", wrapper_path=str(tmp_path / "x")
+        )
+        assert result["started"] is False
+        assert module.__context__["retcode"] == 1
+
+    def test_launch_uses_minion_id_and_statedir(
+        self, module: ModuleType, peer: ScriptedPeer, tmp_path: Path
+    ) -> None:
+        peer.job = job("sleep 0.5")
+        run_id = new_run_id()
+        result = module.launch(
+            run_id,
+            "testjob",
+            peer.url,
+            peer.token,
+            wrapper_path=WRAPPER_PATH,
+            logdir=str(tmp_path / "log"),
+        )
+        assert result["started"] is True
+        pid = int(result["pid"])
+        try:
+            peer.wait_for(lambda: bool(peer.received), "the wrapper's hello")
+            assert peer.frames("hello")[0]["machine"] == MACHINE_ID
+            assert [record["run"] for record in module.running()] == [run_id]
+            peer.wait_complete()
+        finally:
+            os.waitpid(pid, 0)
+        assert "retcode" not in module.__context__
+
+    def test_kill_local_unknown_run_sets_retcode(self, module: ModuleType) -> None:
+        result = module.kill_local("nope")
+        assert result["killed"] is False
+        assert module.__context__["retcode"] == 1
+
+    def test_wrapper_version_missing_raises(self, module: ModuleType, tmp_path: Path) -> None:
+        with pytest.raises(CommandExecutionError, match="wrapper not found"):
+            module.wrapper_version(str(tmp_path / "sp_wrapper.py"))
+
+    def test_wrapper_version(self, module: ModuleType) -> None:
+        assert module.wrapper_version(WRAPPER_PATH) == wrapper.__version__

@@ -1,0 +1,194 @@
+"""Run store: runs, results, the output cap and read-only access, on real SQLite files."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from saltpeter.runs import (
+    MachineRun,
+    MachineState,
+    Reason,
+    Run,
+    RunStatus,
+    SkipReason,
+    Trigger,
+)
+from saltpeter.store import RunStore, StoreError
+
+SLOT = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)
+
+
+def make_run(run_id: str = "backup_1", scheduled_at: datetime | None = SLOT) -> Run:
+    run = Run(
+        run_id=run_id,
+        job_name="backup",
+        trigger=Trigger.SCHEDULE,
+        scheduled_at=scheduled_at,
+        started_at=SLOT,
+        token_hash="0" * 64,
+        jid="20261204120000000000",
+    )
+    run.machines["m1"] = MachineRun(run_id, "m1")
+    run.machines["m2"] = MachineRun(run_id, "m2")
+    return run
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> RunStore:
+    store = RunStore(tmp_path / "sp.db", max_output_bytes=100)
+    store.sync_jobs({"backup": {"command": "true"}})
+    yield store
+    store.close()
+
+
+class TestRuns:
+    def test_insert_run_creates_pending_results(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        results = store.results("backup_1")
+        assert sorted(results) == ["m1", "m2"]
+        assert results["m1"]["state"] == "pending"
+
+    def test_insert_run_sets_last_run(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        assert store.jobs()["backup"].last_run_id == "backup_1"
+
+    def test_same_slot_twice_is_rejected(self, store: RunStore) -> None:
+        store.insert_run(make_run("backup_1"), ["m1", "m2"], [])
+        with pytest.raises(sqlite3.IntegrityError):
+            store.insert_run(make_run("backup_2"), ["m1", "m2"], [])
+
+    def test_manual_runs_share_no_slot(self, store: RunStore) -> None:
+        store.insert_run(make_run("backup_1", scheduled_at=None), ["m1", "m2"], [])
+        store.insert_run(make_run("backup_2", scheduled_at=None), ["m1", "m2"], [])
+        assert len(store.runs("backup")) == 2
+
+    def test_slot_taken_after_skip(self, store: RunStore) -> None:
+        store.insert_skip(
+            "backup_1_skipped", "backup", Trigger.SCHEDULE, SLOT, SLOT, SkipReason.OVERLAP
+        )
+        assert store.slot_taken("backup", SLOT)
+
+    def test_latest_run_ignores_skips(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        later = datetime(2026, 12, 4, 13, 0, tzinfo=timezone.utc)
+        store.insert_skip("backup_2", "backup", Trigger.SCHEDULE, later, later, SkipReason.OVERLAP)
+        assert store.latest_run("backup")["run_id"] == "backup_1"
+
+    def test_update_machine_and_finish(self, store: RunStore) -> None:
+        run = make_run()
+        store.insert_run(run, ["m1", "m2"], [])
+        machine = run.machines["m1"]
+        machine.state = MachineState.DONE
+        machine.retcode = 124
+        machine.reason = Reason.TIMEOUT
+        store.update_machine(machine)
+        run.status = RunStatus.FAILED
+        run.ended_at = SLOT
+        store.finish_run(run)
+        assert store.results("backup_1")["m1"]["retcode"] == 124
+        assert store.run("backup_1")["status"] == "failed"
+        assert store.running_runs() == []
+
+    def test_machine_runs_round_trip(self, store: RunStore) -> None:
+        run = make_run()
+        store.insert_run(run, ["m1", "m2"], [])
+        run.machines["m2"].state = MachineState.RUNNING
+        run.machines["m2"].last_seq = 7
+        store.update_machine(run.machines["m2"])
+        loaded = {machine.machine: machine for machine in store.machine_runs("backup_1")}
+        assert loaded["m2"].state is MachineState.RUNNING
+        assert loaded["m2"].last_seq == 7
+
+    def test_sync_jobs_removes_and_keeps_times(self, store: RunStore) -> None:
+        store.set_next_run("backup", SLOT)
+        store.sync_jobs({"backup": {"command": "false"}, "other": {}})
+        store.sync_jobs({"backup": {"command": "false"}})
+        jobs = store.jobs()
+        assert sorted(jobs) == ["backup"]
+        assert jobs["backup"].next_run == SLOT.isoformat()
+        assert jobs["backup"].definition == {"command": "false"}
+
+
+class TestOutputCap:
+    def test_small_output_is_kept_whole(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        store.append_output("backup_1", "m1", 2, "hello\n")
+        store.append_output("backup_1", "m1", 3, "world\n")
+        assert store.output("backup_1", "m1") == "hello\nworld\n"
+
+    def test_append_records_last_seq(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        store.append_output("backup_1", "m1", 5, "x")
+        assert store.results("backup_1")["m1"]["last_seq"] == 5
+
+    def test_long_output_keeps_head_and_tail(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        lines = [f"line {number:03d}\n" for number in range(100)]
+        for seq, line in enumerate(lines, start=2):
+            store.append_output("backup_1", "m1", seq, line)
+        output = store.output("backup_1", "m1")
+        head, marker, tail = output.partition("\n[saltpeter: ")
+        assert head.startswith("line 000\nline 001\n")
+        assert tail.endswith("line 099\n")
+        assert "bytes of output dropped]" in marker + tail
+
+    def test_kept_bytes_stay_within_cap(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        for seq in range(2, 300):
+            store.append_output("backup_1", "m1", seq, f"chunk {seq}\n")
+        row = store._db.execute(
+            "SELECT head_bytes + tail_bytes, dropped_bytes FROM results WHERE machine = 'm1'"
+        ).fetchone()
+        assert row[0] <= 100
+        total = sum(len(f"chunk {seq}\n") for seq in range(2, 300))
+        assert row[0] + row[1] == total
+
+    def test_single_huge_chunk_is_cut(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        store.append_output("backup_1", "m1", 2, "a" * 60 + "b" * 1000 + "c" * 40)
+        output = store.output("backup_1", "m1")
+        assert output.startswith("a" * 50)
+        assert output.endswith("b" * 10 + "c" * 40)
+
+    def test_multibyte_characters_are_not_split(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        for seq in range(2, 60):
+            store.append_output("backup_1", "m1", seq, "é€😀")
+        output = store.output("backup_1", "m1")
+        assert "\ufffd" not in output
+        assert output.encode("utf-8").decode("utf-8") == output
+
+    def test_outputs_are_separate_per_minion(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        store.append_output("backup_1", "m1", 2, "one")
+        store.append_output("backup_1", "m2", 2, "two")
+        assert store.output("backup_1", "m2") == "two"
+
+
+class TestReadOnly:
+    def test_missing_store_says_how_to_create_it(self, tmp_path: Path) -> None:
+        with pytest.raises(StoreError, match="engine creates it"):
+            RunStore(tmp_path / "absent.db", readonly=True)
+
+    def test_reader_sees_writer_rows(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        reader = RunStore(store.path, readonly=True)
+        try:
+            assert reader.run("backup_1")["job"] == "backup"
+        finally:
+            reader.close()
+
+    def test_reader_cannot_write(self, store: RunStore) -> None:
+        reader = RunStore(store.path, readonly=True)
+        try:
+            with pytest.raises(sqlite3.OperationalError):
+                reader.sync_jobs({})
+        finally:
+            reader.close()
+
+    def test_store_file_is_private(self, store: RunStore) -> None:
+        assert store.path.stat().st_mode & 0o077 == 0
