@@ -62,7 +62,7 @@ def kill(job, timeout=30):
         The job's name.
 
     timeout
-        Seconds to wait for the engine's answer. Default: 30.
+        Seconds to wait for the engine's reply. Default: 30.
 
     CLI Example:
 
@@ -84,7 +84,7 @@ def run(job, timeout=30):
         The job's name.
 
     timeout
-        Seconds to wait for the engine's answer. Default: 30.
+        Seconds to wait for the engine's reply. Default: 30.
 
     CLI Example:
 

@@ -236,6 +236,13 @@ def _check_text_or_empty(value: object) -> str:
     return value
 
 
+def _check_secret(value: object) -> str:
+    # The message never shows the value, because it is a secret.
+    if not isinstance(value, str):
+        raise _InvalidValue(f"the value is invalid: expected a string, got {_type_name(value)}")
+    return value
+
+
 def _check_port(value: object) -> int:
     # The original Saltpeter passed ports on to the socket layer unconverted, which
     # accepted digit strings, so those still load.
@@ -330,6 +337,9 @@ class Settings:
     startup_wait: float = 60.0  # s the engine waits for accepted minions at start
     # Full URL wrappers connect to. Empty means wrapper_url() builds it.
     machines_ws_url: str = ""
+    # Secret that every HTTP API request must present. Empty means no check,
+    # which the API allows only on a loopback address.
+    api_token: str = field(default="", repr=False)
 
     def wrapper_url(self) -> str:
         """Return the URL that wrappers connect to.
@@ -368,6 +378,7 @@ _SETTINGS_VALIDATORS: Mapping[str, Callable[[object], object]] = MappingProxyTyp
         "max_output_bytes": _check_positive_int,
         "startup_wait": _check_nonnegative_seconds,
         "machines_ws_url": _check_ws_url,
+        "api_token": _check_secret,
     }
 )
 

@@ -50,51 +50,57 @@ def _require_job(store: RunStore, job: str | None) -> None:
 
 
 def status(opts: Mapping[str, Any], job: str | None = None) -> dict[str, Any]:
-    """Build the status document: runs in flight, and each job's latest results.
-
-    The shape is the original Saltpeter's ``/status``: ``running`` maps run
-    ids to their start, job name and minions; ``state`` maps job names to
-    ``next_run``, ``last_run`` and per-minion ``results`` holding
-    ``starttime``, ``endtime``, ``ret`` and ``retcode`` (empty strings while a
-    minion is still running). ``last_run_id`` and ``last_status`` are added.
-    """
+    """Build the status document from the store named by the master's opts."""
     store = open_store(opts)
     try:
-        _require_job(store, job)
-        running: dict[str, Any] = {}
-        for run in store.running_runs():
-            if job is not None and run["job"] != job:
-                continue
-            running[run["run_id"]] = {
-                "started": run["started_at"],
-                "name": run["job"],
-                "machines": run["targets"],
-            }
-        state: dict[str, Any] = {}
-        for name, row in store.jobs().items():
-            if job is not None and name != job:
-                continue
-            latest = store.latest_run(name)
-            results: dict[str, Any] = {}
-            if latest is not None:
-                for machine, result in store.results(latest["run_id"]).items():
-                    results[machine] = {
-                        "starttime": result["started_at"] or latest["started_at"],
-                        "endtime": result["ended_at"] or "",
-                        "ret": result["output"],
-                        "retcode": "" if result["retcode"] is None else result["retcode"],
-                        "reason": result["reason"] or "",
-                    }
-            state[name] = {
-                "next_run": row.next_run,
-                "last_run": row.last_run,
-                "last_run_id": latest["run_id"] if latest else None,
-                "last_status": latest["status"] if latest else None,
-                "results": results,
-            }
-        return {"running": running, "state": state}
+        return build_status(store, job)
     finally:
         store.close()
+
+
+def build_status(store: RunStore, job: str | None = None) -> dict[str, Any]:
+    """Return the status document: runs in flight, and each job's latest results.
+
+    The shape is the original Saltpeter's ``/status``. ``running`` maps run
+    ids to their start, job name and minions. ``state`` maps job names to
+    ``next_run``, ``last_run`` and per-minion ``results`` with ``starttime``,
+    ``endtime``, ``ret`` and ``retcode``, which are empty strings while a
+    minion is still running. Saltpeter adds ``last_run_id``,
+    ``last_status`` and each result's ``reason``.
+    """
+    _require_job(store, job)
+    running: dict[str, Any] = {}
+    for run in store.running_runs():
+        if job is not None and run["job"] != job:
+            continue
+        running[run["run_id"]] = {
+            "started": run["started_at"],
+            "name": run["job"],
+            "machines": run["targets"],
+        }
+    state: dict[str, Any] = {}
+    for name, row in store.jobs().items():
+        if job is not None and name != job:
+            continue
+        latest = store.latest_run(name)
+        results: dict[str, Any] = {}
+        if latest is not None:
+            for machine, result in store.results(latest["run_id"]).items():
+                results[machine] = {
+                    "starttime": result["started_at"] or latest["started_at"],
+                    "endtime": result["ended_at"] or "",
+                    "ret": result["output"],
+                    "retcode": "" if result["retcode"] is None else result["retcode"],
+                    "reason": result["reason"] or "",
+                }
+        state[name] = {
+            "next_run": row.next_run,
+            "last_run": row.last_run,
+            "last_run_id": latest["run_id"] if latest else None,
+            "last_status": latest["status"] if latest else None,
+            "results": results,
+        }
+    return {"running": running, "state": state}
 
 
 def next_times(
@@ -130,7 +136,7 @@ def engine_request(
         reply = bus.get_event(wait=timeout, tag=REPLY_PREFIX + request_id, match_type="startswith")
     if reply is None:
         raise ControlError(
-            f"the saltpeter engine did not answer within {timeout:g} s; check that the master "
+            f"the saltpeter engine did not reply within {timeout:g} s; check that the master "
             "runs it (engines: in the master config) and look at its log"
         )
     if not reply.get("ok"):

@@ -23,7 +23,8 @@ from typing import Any
 from saltpeter import server
 from saltpeter.config import ConfigLoader, ConfigSnapshot, Job, Maintenance, Settings
 from saltpeter.manager import RunManager
-from saltpeter.runs import Run, SkipReason, Trigger
+from saltpeter.metrics import Metrics
+from saltpeter.runs import Run, SkipReason, Trigger, utcnow
 from saltpeter.saltbridge import SaltBridge, parse_return_tag
 from saltpeter.scheduler import Scheduler
 from saltpeter.store import RunStore
@@ -80,6 +81,7 @@ class Engine:
         self.settings = Settings()
         self.maintenance = Maintenance()
         self.rejections: Counter[str] = Counter()
+        self.metrics = Metrics()
         self._reported_errors: set[str] = set()
         self._reported_warnings: set[str] = set()
         self._ready = asyncio.Event()
@@ -111,6 +113,12 @@ class Engine:
             heartbeat_timeout=self.settings.heartbeat_timeout,
             kill_fallback=self._kill_through_salt,
         )
+        self.manager.observers.append(self.metrics)
+        self.metrics.track(
+            runs_in_flight=lambda: len(self.manager.runs) if self.manager else 0,
+            wrappers_connected=self._connected_wrappers,
+            rejections=self.rejections,
+        )
         reloaded = self.manager.load_in_flight()
         if reloaded:
             log.info("%d run(s) were in flight when the engine stopped; waiting for them", reloaded)
@@ -123,6 +131,11 @@ class Engine:
             self.settings.machines_ws_bind_addr,
             rejections=self.rejections,
         )
+        api_server = None
+        if self.settings.api_ws:
+            from saltpeter import api
+
+            api_server = api.listen(self, self.settings.api_ws_port, self.settings.api_ws_bind_addr)
         self.scheduler = Scheduler(self._on_fire, on_next=self._on_next_fire)
         self.scheduler.update(self.jobs)
         try:
@@ -134,9 +147,21 @@ class Engine:
             )
         finally:
             http_server.stop()
+            if api_server is not None:
+                api_server.stop()
             await self.bridge.close()
             self.store.close()
             self.executor.shutdown(wait=False)
+
+    def _connected_wrappers(self) -> int:
+        if self.manager is None:
+            return 0
+        return sum(
+            1
+            for run in self.manager.runs.values()
+            for machine in run.machines.values()
+            if machine.connection is not None
+        )
 
     def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coroutine)
@@ -234,11 +259,11 @@ class Engine:
         self._spawn(self.dispatch(name, Trigger.SCHEDULE, scheduled_at))
 
     async def _wait_for_minions(self) -> None:
-        """Hold the first dispatch until every accepted minion answers a ping.
+        """Hold the first dispatch until every accepted minion returns a ping.
 
         Engines start before minions reconnect to a restarted master, and a
         publish sent then reaches only some of them. The wait ends after
-        ``startup_wait`` seconds whatever the answers.
+        ``startup_wait`` seconds whether or not every minion returned.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.startup_wait
@@ -258,14 +283,15 @@ class Engine:
         answered = len(accepted) - len(pending)
         if pending:
             log.warning(
-                "%d of %d accepted minion(s) answered within %g s; dispatching anyway (silent: %s)",
+                "%d of %d accepted minion(s) returned the ping within %g s; dispatching anyway "
+                "(no return from: %s)",
                 answered,
                 len(accepted),
                 self.settings.startup_wait,
                 ", ".join(sorted(pending)),
             )
         else:
-            log.info("%d accepted minion(s) answered; dispatching", answered)
+            log.info("%d accepted minion(s) returned the ping; dispatching", answered)
         self._ready.set()
         # The task must not end: gather() in run() would then stop waiting on it,
         # which is harmless, but keeping all four tasks alive keeps run() simple.
@@ -274,7 +300,10 @@ class Engine:
     async def dispatch(
         self, name: str, trigger: Trigger, scheduled_at: datetime | None
     ) -> dict[str, Any]:
-        """Start a run of job ``name`` unless a rule says to skip it; return what happened."""
+        """Start a run of job ``name`` unless maintenance or overlap rules skip it.
+
+        Returns ``started`` and either the run id and targets or the skip reason.
+        """
         await self._ready.wait()
         assert self.manager is not None and self.store is not None
         manager = self.manager
@@ -335,6 +364,11 @@ class Engine:
             "loglevel": job.wrapper_loglevel or self.settings.default_wrapper_loglevel,
             "logdir": job.wrapper_logdir or self.settings.default_wrapper_logdir,
         }
+        if scheduled_at is not None:
+            # Lateness is measured when the launch is handed to Salt, so it
+            # covers the scheduler and target resolution but not the publish.
+            lateness = (utcnow() - scheduled_at).total_seconds()
+            self.metrics.dispatch_lateness.observe(max(0.0, lateness))
         try:
             await self.bridge.publish(
                 targets,
@@ -413,25 +447,45 @@ class Engine:
         self.bridge.fire(REPLY_PREFIX + request_id, reply)
 
     async def _handle_request(self, kind: str, data: dict[str, Any]) -> Any:
-        name = data.get("job")
-        if kind in ("kill", "run") and (not isinstance(name, str) or name not in self.jobs):
-            raise RequestError(unknown_job_message(name, self.jobs))
         if kind == "kill":
-            assert self.manager is not None
-            signalled = self.manager.kill(name)
-            if not signalled:
-                raise RequestError(f"job '{name}' has no run in flight")
-            return {"job": name, "signalled": signalled}
+            return self.kill_job(data.get("job"))
         if kind == "run":
-            log.info("job %s: run requested now", name)
-            return await self.dispatch(name, Trigger.MANUAL, None)
+            return await self.run_job(data.get("job"))
         if kind == "ping":
             return {"jobs": len(self.jobs), "ready": self._ready.is_set()}
         raise RequestError(f"unknown request '{kind}'")
 
+    def _require_job(self, name: object) -> str:
+        if not isinstance(name, str) or name not in self.jobs:
+            raise UnknownJobError(unknown_job_message(name, self.jobs))
+        return name
+
+    def kill_job(self, name: object) -> dict[str, Any]:
+        """Stop every run of a job in flight; raise RequestError if there is none."""
+        job = self._require_job(name)
+        assert self.manager is not None
+        signalled = self.manager.kill(job)
+        if not signalled:
+            raise NothingRunningError(f"job '{job}' has no run in flight")
+        return {"job": job, "signalled": signalled}
+
+    async def run_job(self, name: object) -> dict[str, Any]:
+        """Start a run of a job now; the result says whether it started or why not."""
+        job = self._require_job(name)
+        log.info("job %s: run requested now", job)
+        return await self.dispatch(job, Trigger.MANUAL, None)
+
 
 class RequestError(Exception):
-    """A runner's request that the engine rejects, with the reason for the operator."""
+    """A request that the engine rejects, with the reason for the operator."""
+
+
+class UnknownJobError(RequestError):
+    """The request names a job that no job file defines."""
+
+
+class NothingRunningError(RequestError):
+    """A kill request for a job with no run in flight."""
 
 
 def unknown_job_message(name: object, jobs: Mapping[str, object]) -> str:

@@ -1,7 +1,7 @@
 """The run manager: the one owner of runs in flight.
 
 Every change to a run goes through :class:`RunManager`, on the engine's event
-loop: starting a run, the minions' answers to the launch, the wrapper's
+loop: starting a run, the minions' returns from the launch, the wrapper's
 frames, kill requests, and the sweep that turns silence into results. Each
 change is written to the store before it is announced on the event bus.
 """
@@ -56,6 +56,14 @@ class EventSink(Protocol):
     def fire(self, tag: str, data: dict[str, Any]) -> None: ...
 
 
+class RunObserver(Protocol):
+    """An in-process consumer of run events and output, such as the HTTP API."""
+
+    def on_event(self, tag: str, data: dict[str, Any]) -> None: ...
+
+    def on_output(self, job: str, run_id: str, minion: str, data: str) -> None: ...
+
+
 class Connection(Protocol):
     def send_frame(self, text: str) -> None: ...
 
@@ -94,8 +102,32 @@ class RunManager:
         self.clock = clock
         self.kill_fallback = kill_fallback
         self.runs: dict[str, Run] = {}
+        self.observers: list[RunObserver] = []
         self._jids: dict[str, str] = {}
         self._late_warned: set[tuple[str, str]] = set()
+
+    def _announce(self, tag: str, data: dict[str, Any]) -> None:
+        """Fire an event on the bus and hand it to every observer."""
+        self.events.fire(tag, data)
+        for observer in self.observers:
+            try:
+                observer.on_event(tag, data)
+            except Exception:
+                log.exception("observer %r failed on event %s", observer, tag)
+
+    def _stream_output(self, run: Run, machine: MachineRun, data: str) -> None:
+        machine.output_tail = (machine.output_tail + data)[-OUTPUT_TAIL_CHARS:]
+        for observer in self.observers:
+            try:
+                observer.on_output(run.job_name, run.run_id, machine.machine, data)
+            except Exception:
+                log.exception(
+                    "job %s run %s minion %s: observer %r failed on output",
+                    run.job_name,
+                    run.run_id,
+                    machine.machine,
+                    observer,
+                )
 
     # -- starting runs ------------------------------------------------------
 
@@ -124,7 +156,7 @@ class RunManager:
             reason.value,
             f" (running: {', '.join(running)})" if running else "",
         )
-        self.events.fire(
+        self._announce(
             job_tag(job_name, "skipped"),
             {
                 "job": job_name,
@@ -184,7 +216,7 @@ class RunManager:
             len(targets),
             ", ".join(targets),
         )
-        self.events.fire(
+        self._announce(
             job_tag(job.name, "start"),
             {
                 "job": job.name,
@@ -384,7 +416,7 @@ class RunManager:
             machine.machine,
             frame.pid,
         )
-        self.events.fire(
+        self._announce(
             job_tag(run.job_name, machine.machine, "start"),
             {
                 "job": run.job_name,
@@ -399,7 +431,7 @@ class RunManager:
         data = sanitize_text(frame.data)
         machine.last_seq = frame.seq
         self.store.append_output(run.run_id, machine.machine, frame.seq, data)
-        machine.output_tail = (machine.output_tail + data)[-OUTPUT_TAIL_CHARS:]
+        self._stream_output(run, machine, data)
 
     # -- results ------------------------------------------------------------
 
@@ -411,7 +443,7 @@ class RunManager:
         if note:
             text = note if note.endswith("\n") else note + "\n"
             self.store.append_output(run.run_id, machine.machine, machine.last_seq, text)
-            machine.output_tail = (machine.output_tail + text)[-OUTPUT_TAIL_CHARS:]
+            self._stream_output(run, machine, text)
         machine.state = MachineState.DONE
         machine.retcode = retcode
         machine.reason = reason
@@ -428,7 +460,7 @@ class RunManager:
             reason.value,
             f": {note.strip()}" if note else "",
         )
-        self.events.fire(
+        self._announce(
             job_tag(run.job_name, machine.machine, "complete"),
             {
                 "job": run.job_name,
@@ -457,7 +489,7 @@ class RunManager:
             run.status.value,
             ", ".join(f"{name}={code}" for name, code in retcodes.items()),
         )
-        self.events.fire(
+        self._announce(
             job_tag(run.job_name, "complete"),
             {
                 "job": run.job_name,
@@ -519,7 +551,7 @@ def sweep_verdict(
 ) -> tuple[int, Reason, str] | None:
     """Decide whether a minion's silence of ``silent_for`` seconds ends its run.
 
-    A minion that never answered the launch gets ``launch_timeout``; a wrapper
+    A minion that never returned from the launch gets ``launch_timeout``; a wrapper
     that was launched but never connected, or stopped sending frames, gets
     ``heartbeat_timeout``. Durations come from time.monotonic().
     """

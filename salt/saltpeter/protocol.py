@@ -24,7 +24,7 @@ JOB_UNAVAILABLE = "job_unavailable"
 
 COMPLETE_REASONS = frozenset({"exit", "signal", "timeout", "killed", "start_failed"})
 
-# Longest run id, minion id, token or version string accepted in a hello.
+# Maximum length of a run id, minion id, token or version string in a hello.
 _MAX_ID_LENGTH = 256
 
 

@@ -23,9 +23,9 @@ RETCODE_NOT_STARTED = 255
 
 
 class MachineState(str, enum.Enum):
-    """Where one minion's part of a run stands."""
+    """State of one minion's part of a run."""
 
-    PENDING = "pending"  # launch published, no answer from the minion yet
+    PENDING = "pending"  # launch published, no return from the minion yet
     LAUNCHED = "launched"  # the execution module started the wrapper
     RUNNING = "running"  # the wrapper reported that the command started
     DONE = "done"  # a result is recorded
@@ -44,7 +44,7 @@ class RunStatus(str, enum.Enum):
 
 
 class Reason(str, enum.Enum):
-    """Why a minion's result is what it is."""
+    """Cause of a minion's result."""
 
     EXIT = "exit"
     SIGNAL = "signal"
@@ -115,7 +115,7 @@ class Run:
     started_at: datetime
     token_hash: str
     machines: dict[str, MachineRun] = field(default_factory=dict)
-    # The definition the run was started with. It holds the environment,
+    # The definition the run was started with. It contains the environment,
     # which never goes into the store, so a run reloaded after an engine
     # restart has None here and the wrapper gets the current definition.
     job: Job | None = None

@@ -1,4 +1,4 @@
-"""Everything the engine asks of Salt: targets, publishes and the event bus.
+"""The engine's calls into Salt: target resolution, publishes and the event bus.
 
 Salt's APIs used here were read from Salt 3008.4's source: LocalClient's
 ``run_job_async`` publishes without waiting for returns, returns arrive on
@@ -113,7 +113,7 @@ class SaltBridge:
         return salt.utils.jid.gen_jid({"unique_jid": True})
 
     async def resolve_targets(self, targets: str, target_type: str) -> list[str]:
-        """Return the accepted minions that ``targets`` matches, as the master sees them."""
+        """Return the accepted minions that ``targets`` matches, using the master's caches."""
 
         def check() -> list[str]:
             checker = salt.utils.minions.CkMinions(self.opts)

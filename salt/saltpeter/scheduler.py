@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The longest the loop sleeps before it looks at the wall clock again, so a
+# Maximum sleep before the loop reads the wall clock again, so a
 # step of the system clock delays a fire by at most this much.
 MAX_SLEEP_SECONDS = 30.0
 # A fire later than this has missed its slot's neighbours too: the scheduler

@@ -166,6 +166,14 @@ class TestExitCodes:
         done = wait_run_complete(events, "exit_codes", run_id)
         assert done["retcodes"] == {"minion-1": 0, "minion-2": 7, "minion-3": 0}
         assert done["success"] is False
+        minion_done = events.all(r"saltpeter/job/exit_codes/minion-\d/complete")
+        by_minion = {data["minion"]: data for _, data in minion_done if data["run_id"] == run_id}
+        assert by_minion["minion-2"]["retcode"] == 7
+        assert by_minion["minion-2"]["output_tail"] == "failing\n"
+        assert by_minion["minion-1"]["retcode"] == 0
+        started = events.wait(r"saltpeter/job/exit_codes/start")
+        assert started["run_id"] == run_id
+        assert started["targets"] == ["minion-1", "minion-2", "minion-3"]
         stored = results(store, run_id)
         assert stored["minion-1"]["output"] == "fine\n"
         assert stored["minion-2"]["output"] == "failing\n"

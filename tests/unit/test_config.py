@@ -1405,3 +1405,19 @@ class TestLoadDirectory:
     def test_applies_overrides(self, tmp_path: Path) -> None:
         snapshot = load_directory(tmp_path, overrides={"timezone": "Europe/Lisbon"})
         assert snapshot.settings.timezone == "Europe/Lisbon"
+
+
+class TestApiToken:
+    def test_token_is_read(self, tmp_path: Path) -> None:
+        (tmp_path / "c.yaml").write_text("saltpeter_config:\n  api_token: s3cret\n")
+        assert load_directory(tmp_path).settings.api_token == "s3cret"
+
+    def test_invalid_token_is_not_shown(self, tmp_path: Path) -> None:
+        (tmp_path / "c.yaml").write_text("saltpeter_config:\n  api_token: 987654321\n")
+        snapshot = load_directory(tmp_path)
+        assert len(snapshot.errors) == 1
+        assert "987654321" not in str(snapshot.errors[0])
+        assert "api_token" in str(snapshot.errors[0])
+
+    def test_token_is_not_in_repr(self) -> None:
+        assert "s3cret" not in repr(Settings(api_token="s3cret"))

@@ -410,3 +410,58 @@ class TestKill:
 
     def test_nothing_in_flight(self, manager: RunManager) -> None:
         assert manager.kill("backup") == {}
+
+
+class RecordingObserver:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, ...]] = []
+
+    def on_event(self, tag: str, data: dict[str, Any]) -> None:
+        self.seen.append(("event", tag))
+
+    def on_output(self, job: str, run_id: str, minion: str, data: str) -> None:
+        self.seen.append(("output", minion, data))
+
+
+class BrokenObserver:
+    def on_event(self, tag: str, data: dict[str, Any]) -> None:
+        raise RuntimeError("observer bug")
+
+    def on_output(self, job: str, run_id: str, minion: str, data: str) -> None:
+        raise RuntimeError("observer bug")
+
+
+class TestObservers:
+    def test_observer_sees_events_and_output_in_order(self, manager: RunManager) -> None:
+        observer = RecordingObserver()
+        manager.observers.append(observer)
+        run, _ = start_run(manager, targets=("m1",))
+        machine = run.machines["m1"]
+        manager.on_frame(run, machine, Start(1, 42, "t"))
+        manager.on_frame(run, machine, Output(2, "a\n"))
+        manager.on_frame(run, machine, Complete(3, 0, "exit", "t", None))
+        assert observer.seen == [
+            ("event", "saltpeter/job/backup/start"),
+            ("event", "saltpeter/job/backup/m1/start"),
+            ("output", "m1", "a\n"),
+            ("event", "saltpeter/job/backup/m1/complete"),
+            ("event", "saltpeter/job/backup/complete"),
+        ]
+
+    def test_sweep_note_is_streamed(self, manager: RunManager, clock: FakeClock) -> None:
+        observer = RecordingObserver()
+        manager.observers.append(observer)
+        start_run(manager, targets=("m1",))
+        clock.now += 31
+        manager.sweep()
+        outputs = [entry for entry in observer.seen if entry[0] == "output"]
+        assert "did not respond" in outputs[0][2]
+
+    def test_broken_observer_does_not_stop_the_run(
+        self, manager: RunManager, store: RunStore, events: RecordedEvents
+    ) -> None:
+        manager.observers.append(BrokenObserver())
+        run, _ = start_run(manager, targets=("m1",))
+        complete(manager, run, "m1")
+        assert store.run(run.run_id)["status"] == "succeeded"
+        assert events.last("saltpeter/job/backup/complete")["success"] is True
