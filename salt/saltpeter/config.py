@@ -60,6 +60,9 @@ JOB_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 SCHEDULE_DEFAULTS: Mapping[str, str] = MappingProxyType({"sec": "0", "year": "*"})
 DEFAULT_TIMEOUT = 3600
+CATCH_UP_POLICIES = ("none", "latest", "all")
+DEFAULT_CATCH_UP = "latest"
+DEFAULT_CATCH_UP_LIMIT = 10
 
 # The original Saltpeter allowed overlapping runs only when allow_overlap was this string.
 LEGACY_ALLOW_OVERLAP = "i know what i am doing!"
@@ -81,6 +84,8 @@ _JOB_KEYS = frozenset(
         "wrapper_logdir",
         "timezone",
         "utc",
+        "catch_up",
+        "catch_up_limit",
     )
 )
 
@@ -272,6 +277,14 @@ def _check_seconds(value: object, *, allow_zero: bool) -> float:
     return float(value)
 
 
+def _check_positive_days(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _InvalidValue(f"{_show(value)} is invalid: expected a number of days")
+    if not math.isfinite(value) or value <= 0:
+        raise _InvalidValue(f"{value} is invalid: must be more than 0")
+    return float(value)
+
+
 def _check_positive_seconds(value: object) -> float:
     return _check_seconds(value, allow_zero=False)
 
@@ -340,19 +353,29 @@ class Settings:
     # Secret that every HTTP API request must present. Empty means no check,
     # which the API allows only on a loopback address.
     api_token: str = field(default="", repr=False)
+    # TLS for the machines WebSocket: with both set, wrappers connect over wss://.
+    machines_ws_certfile: str = ""
+    machines_ws_keyfile: str = ""
+    # CA bundle the wrappers verify the engine's certificate with; empty means the
+    # minion's default trust store.
+    machines_ws_cafile: str = ""
+    history_days: float = 30.0  # runs older than this are pruned from the store
+    history_runs_per_job: int = 1000  # newest runs kept per job
 
     def wrapper_url(self) -> str:
         """Return the URL that wrappers connect to.
 
         That is ``machines_ws_url`` when set, otherwise
-        ``ws://<default_saltpeter_server_host>:<machines_ws_port>/wrapper``.
+        ``ws://<default_saltpeter_server_host>:<machines_ws_port>/wrapper``, with
+        ``wss://`` when the machines WebSocket has a certificate.
         """
         if self.machines_ws_url:
             return self.machines_ws_url
         host = self.default_saltpeter_server_host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # an IPv6 address needs brackets in a URL
-        return f"ws://{host}:{self.machines_ws_port}/wrapper"
+        scheme = "wss" if self.machines_ws_certfile else "ws"
+        return f"{scheme}://{host}:{self.machines_ws_port}/wrapper"
 
 
 _SETTINGS_VALIDATORS: Mapping[str, Callable[[object], object]] = MappingProxyType(
@@ -379,6 +402,11 @@ _SETTINGS_VALIDATORS: Mapping[str, Callable[[object], object]] = MappingProxyTyp
         "startup_wait": _check_nonnegative_seconds,
         "machines_ws_url": _check_ws_url,
         "api_token": _check_secret,
+        "machines_ws_certfile": _check_text_or_empty,
+        "machines_ws_keyfile": _check_text_or_empty,
+        "machines_ws_cafile": _check_text_or_empty,
+        "history_days": _check_positive_days,
+        "history_runs_per_job": _check_positive_int,
     }
 )
 
@@ -549,6 +577,11 @@ class Job:
     wrapper_path: str | None  # None: Settings.default_wrapper_path at dispatch
     wrapper_loglevel: str | None  # None: Settings.default_wrapper_loglevel
     wrapper_logdir: str | None  # None: Settings.default_wrapper_logdir
+    # What to do with slots that passed while the engine was down: record them as
+    # missed ("none"), run the most recent one ("latest"), or run each of them
+    # ("all", at most catch_up_limit, the most recent ones).
+    catch_up: str = DEFAULT_CATCH_UP
+    catch_up_limit: int = DEFAULT_CATCH_UP_LIMIT
 
     def describe(self) -> dict[str, object]:
         """Return the definition as JSON-ready data for status output.
@@ -569,6 +602,8 @@ class Job:
             "env": sorted(self.env),
             "timeout": self.timeout,
             "allow_overlap": self.allow_overlap,
+            "catch_up": self.catch_up,
+            "catch_up_limit": self.catch_up_limit,
             "wrapper_path": self.wrapper_path,
             "wrapper_loglevel": self.wrapper_loglevel,
             "wrapper_logdir": self.wrapper_logdir,
@@ -718,6 +753,35 @@ def _job_allow_overlap(raw: Mapping[str, Any]) -> bool:
     return value
 
 
+def _job_catch_up(raw: Mapping[str, Any]) -> str:
+    value = raw.get("catch_up")
+    if value is None:
+        return DEFAULT_CATCH_UP
+    if value is False:
+        # YAML reads an unquoted `none` as a string but `no`/`off` as false.
+        return "none"
+    if value not in CATCH_UP_POLICIES:
+        raise _FieldError(
+            "catch_up",
+            value,
+            f"{_show(value)} is invalid: expected one of {', '.join(CATCH_UP_POLICIES)}",
+        )
+    return str(value)
+
+
+def _job_catch_up_limit(raw: Mapping[str, Any]) -> int:
+    value = raw.get("catch_up_limit")
+    if value is None:
+        return DEFAULT_CATCH_UP_LIMIT
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _FieldError(
+            "catch_up_limit",
+            value,
+            f"{_show(value)} is invalid: expected a whole number of 1 or more",
+        )
+    return value
+
+
 def _job_env(raw: Mapping[str, Any]) -> Mapping[str, str]:
     """Validate the env mapping. Messages name variables but never show their values."""
     value = raw.get("env")
@@ -790,6 +854,8 @@ _JOB_STEPS: tuple[tuple[str, _JobStep], ...] = (
     ("wrapper_path", lambda raw, settings, values: _job_optional_text(raw, "wrapper_path")),
     ("wrapper_loglevel", lambda raw, settings, values: _job_loglevel(raw)),
     ("wrapper_logdir", lambda raw, settings, values: _job_optional_text(raw, "wrapper_logdir")),
+    ("catch_up", lambda raw, settings, values: _job_catch_up(raw)),
+    ("catch_up_limit", lambda raw, settings, values: _job_catch_up_limit(raw)),
 )
 
 

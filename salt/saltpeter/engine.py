@@ -14,13 +14,15 @@ import concurrent.futures
 import logging
 import os
 import sqlite3
+import ssl
 from collections import Counter
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from saltpeter import server
+from saltpeter.catchup import plan_catch_up
 from saltpeter.config import ConfigLoader, ConfigSnapshot, Job, Maintenance, Settings
 from saltpeter.manager import RunManager
 from saltpeter.metrics import Metrics
@@ -38,6 +40,7 @@ CONFIG_POLL_SECONDS = 1.0
 SWEEP_SECONDS = 1.0
 PING_ROUND_SECONDS = 5.0
 LOG_FILE_NAME = "saltpeter.log"
+PRUNE_INTERVAL_SECONDS = 3600.0
 
 
 def default_store_path(opts: Mapping[str, Any]) -> Path:
@@ -129,6 +132,7 @@ class Engine:
             self.manager,
             self.settings.machines_ws_port,
             self.settings.machines_ws_bind_addr,
+            ssl_options=tls_context(self.settings),
             rejections=self.rejections,
         )
         api_server = None
@@ -136,6 +140,7 @@ class Engine:
             from saltpeter import api
 
             api_server = api.listen(self, self.settings.api_ws_port, self.settings.api_ws_bind_addr)
+        self._catch_up(utcnow())
         self.scheduler = Scheduler(self._on_fire, on_next=self._on_next_fire)
         self.scheduler.update(self.jobs)
         try:
@@ -144,6 +149,7 @@ class Engine:
                 self._watch_config(),
                 self._sweep(),
                 self._wait_for_minions(),
+                self._prune_history(),
             )
         finally:
             http_server.stop()
@@ -152,6 +158,73 @@ class Engine:
             await self.bridge.close()
             self.store.close()
             self.executor.shutdown(wait=False)
+
+    def _catch_up(self, now: datetime) -> None:
+        """Handle the slots that passed while the engine was down, per job policy."""
+        assert self.store is not None and self.manager is not None
+        latest_slots = self.store.latest_slots()
+        for name, job in sorted(self.jobs.items()):
+            last_slot = latest_slots.get(name)
+            if last_slot is None:
+                continue
+            plan = plan_catch_up(job.schedule, last_slot, now, job.catch_up, job.catch_up_limit)
+            if not plan.run and not plan.total_missed:
+                continue
+            log.warning(
+                "job %s: %s%d slot(s) passed while the engine was down (after %s); "
+                "catch_up %s runs %d of them",
+                name,
+                "at least " if plan.count_is_estimate else "",
+                plan.total_missed + len(plan.run),
+                last_slot.isoformat(),
+                job.catch_up,
+                len(plan.run),
+            )
+            if plan.missed_not_recorded:
+                log.warning(
+                    "job %s: %s%d older missed slot(s) are counted but not recorded one by one",
+                    name,
+                    "at least " if plan.count_is_estimate else "",
+                    plan.missed_not_recorded,
+                )
+            for slot in plan.missed:
+                self.manager.record_missed(name, slot)
+            if plan.run:
+                self._spawn(self._run_catch_up(name, plan.run))
+
+    async def _run_catch_up(self, name: str, slots: list[datetime]) -> None:
+        """Run missed slots one after the other, oldest first."""
+        assert self.manager is not None
+        for slot in slots:
+            while name in self.jobs and not self.jobs[name].allow_overlap:
+                if not self.manager.running(name):
+                    break
+                await asyncio.sleep(1.0)
+            if name not in self.jobs:
+                return
+            await self.dispatch(name, Trigger.CATCH_UP, slot)
+
+    async def _prune_history(self) -> None:
+        """Delete old runs now and then, so the store stays bounded."""
+        loop = asyncio.get_running_loop()
+        while True:
+            assert self.store is not None
+            cutoff = utcnow() - timedelta(days=self.settings.history_days)
+            started = loop.time()
+            try:
+                deleted = self.store.prune(cutoff, self.settings.history_runs_per_job)
+            except sqlite3.Error:
+                log.exception("pruning the run history in %s failed", self.store_path)
+            else:
+                if deleted:
+                    log.info(
+                        "pruned %d run(s) older than %s or beyond %d per job in %.2f s",
+                        deleted,
+                        cutoff.isoformat(),
+                        self.settings.history_runs_per_job,
+                        loop.time() - started,
+                    )
+            await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
 
     def _connected_wrappers(self) -> int:
         if self.manager is None:
@@ -492,6 +565,23 @@ def unknown_job_message(name: object, jobs: Mapping[str, object]) -> str:
     known = sorted(jobs)
     listing = ", ".join(known[:20]) + (f" and {len(known) - 20} more" if len(known) > 20 else "")
     return f"unknown job {name!r}; known jobs: {listing or 'none'}"
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """Return the TLS context of the machines WebSocket, or None for plain ws://.
+
+    Raises ValueError when only one of the certificate and key is set, because
+    serving plain ws:// then would silently drop the TLS the operator asked for.
+    """
+    certfile, keyfile = settings.machines_ws_certfile, settings.machines_ws_keyfile
+    if not certfile and not keyfile:
+        return None
+    if not certfile or not keyfile:
+        missing = "machines_ws_keyfile" if certfile else "machines_ws_certfile"
+        raise ValueError(f"TLS for the machines WebSocket needs both files; set {missing} too")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    return context
 
 
 def run_engine(

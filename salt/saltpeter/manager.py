@@ -50,6 +50,13 @@ log = logging.getLogger(__name__)
 
 OUTPUT_TAIL_CHARS = 1024
 KILL_GRACE_SECONDS = 5
+# Extra silence allowed to the minions of runs reloaded after an engine
+# restart: a wrapper retries with backoff of up to 30 s (docs/protocol.md),
+# so it may need that long to notice the engine is back.
+RECONNECT_GRACE_SECONDS = 30.0
+
+# Results the engine records on its own; a wrapper may still report later.
+ENGINE_DECIDED_REASONS = frozenset({Reason.LOST, Reason.NO_RESPONSE, Reason.LAUNCH_FAILED})
 
 
 class EventSink(Protocol):
@@ -142,6 +149,16 @@ class RunManager:
             run_id = f"{base}_{counter}"
         return run_id
 
+    def record_missed(self, job_name: str, scheduled_at: datetime) -> None:
+        """Record and announce a slot that passed while the engine was down."""
+        run_id = self.new_run_id(job_name, scheduled_at) + "_missed"
+        if not self.store.insert_missed(run_id, job_name, scheduled_at, utcnow()):
+            return
+        self._announce(
+            job_tag(job_name, "missed"),
+            {"job": job_name, "scheduled": isoformat(scheduled_at)},
+        )
+
     def record_skip(
         self, job_name: str, trigger: Trigger, scheduled_at: datetime | None, reason: SkipReason
     ) -> str:
@@ -193,6 +210,7 @@ class RunManager:
             token_hash=hash_token(token),
             job=job,
             jid=jid,
+            timeout=job.timeout,
         )
         seen = self.clock()
         for machine in targets:
@@ -244,22 +262,14 @@ class RunManager:
     def load_in_flight(self) -> int:
         """Reload runs the store has as running, after an engine restart.
 
-        Their minions get a fresh heartbeat window to reconnect.
+        Their minions get the heartbeat window plus RECONNECT_GRACE_SECONDS to
+        reconnect before they are recorded as lost.
         """
-        seen = self.clock()
+        seen = self.clock() + RECONNECT_GRACE_SECONDS
         for row in self.store.running_runs():
-            run = Run(
-                run_id=row["run_id"],
-                job_name=row["job"],
-                trigger=Trigger(row["trigger"]),
-                scheduled_at=_parse(row["scheduled_at"]),
-                started_at=_parse(row["started_at"]) or utcnow(),
-                token_hash=row["token_hash"] or "",
-                jid=row["jid"],
-            )
-            for machine in self.store.machine_runs(run.run_id):
+            run = self._run_from_row(row)
+            for machine in run.machines.values():
                 machine.last_seen = seen
-                run.machines[machine.machine] = machine
             self.runs[run.run_id] = run
             if run.jid:
                 self._jids[run.jid] = run.run_id
@@ -267,6 +277,22 @@ class RunManager:
                 "job %s run %s: reloaded from the store, still in flight", run.job_name, run.run_id
             )
         return len(self.runs)
+
+    def _run_from_row(self, row: dict[str, Any]) -> Run:
+        run = Run(
+            run_id=row["run_id"],
+            job_name=row["job"],
+            trigger=Trigger(row["trigger"]),
+            scheduled_at=_parse(row["scheduled_at"]),
+            started_at=_parse(row["started_at"]) or utcnow(),
+            token_hash=row["token_hash"] or "",
+            jid=row["jid"],
+            timeout=row["timeout"],
+            status=RunStatus(row["status"]),
+        )
+        for machine in self.store.machine_runs(run.run_id):
+            run.machines[machine.machine] = machine
+        return run
 
     # -- the launch's return ------------------------------------------------
 
@@ -313,22 +339,11 @@ class RunManager:
         return run, machine
 
     def _finished_run(self, run_id: str) -> Run | None:
-        """Load a run that is no longer in flight, for a wrapper that missed its last ack."""
+        """Load a run that is no longer in flight, for a wrapper that reports late."""
         row = self.store.run(run_id)
-        if row is None or row["status"] == RunStatus.SKIPPED.value:
+        if row is None or row["status"] in (RunStatus.SKIPPED.value, RunStatus.MISSED.value):
             return None
-        run = Run(
-            run_id=row["run_id"],
-            job_name=row["job"],
-            trigger=Trigger(row["trigger"]),
-            scheduled_at=_parse(row["scheduled_at"]),
-            started_at=_parse(row["started_at"]) or utcnow(),
-            token_hash=row["token_hash"] or "",
-            status=RunStatus(row["status"]),
-        )
-        for machine in self.store.machine_runs(run_id):
-            run.machines[machine.machine] = machine
-        return run
+        return self._run_from_row(row)
 
     def welcome(self, run: Run, machine: MachineRun, need_job: bool) -> dict[str, Any]:
         job_spec = None
@@ -378,9 +393,30 @@ class RunManager:
             )
             return machine.last_seq
         if machine.done:
-            # NOTE: frames that arrive after the minion's result was recorded
-            # (for example after it was declared lost) are acknowledged so the
-            # wrapper can exit, but not stored.
+            return self._on_late_frame(run, machine, frame)
+        if isinstance(frame, Start):
+            self._on_start(run, machine, frame)
+        elif isinstance(frame, Output):
+            self._on_output(run, machine, frame)
+        elif isinstance(frame, Complete):
+            machine.last_seq = frame.seq
+            reason = Reason(frame.reason)
+            self._finish(run, machine, frame.retcode, reason, None)
+        return machine.last_seq
+
+    def _on_late_frame(self, run: Run, machine: MachineRun, frame: SequencedFrame) -> int:
+        """Store what a wrapper reports after the engine recorded a result for it.
+
+        The engine records 253 when a wrapper falls silent and 255 when a minion
+        does not answer the launch in time; the wrapper may still be running the
+        command and report later. Its output and result are then stored next to
+        the recorded one, never in its place, and announced with ``late: true``.
+        Frames for a minion whose result came from the wrapper itself, or that
+        already has a late result, are acknowledged so the wrapper can exit, and
+        dropped.
+        """
+        engine_decided = machine.reason in ENGINE_DECIDED_REASONS
+        if not engine_decided or machine.late_retcode is not None:
             key = (run.run_id, machine.machine)
             if key not in self._late_warned:
                 self._late_warned.add(key)
@@ -393,14 +429,48 @@ class RunManager:
                     machine.reason.value if machine.reason else "done",
                 )
             return frame.seq
+        machine.last_seq = frame.seq
         if isinstance(frame, Start):
-            self._on_start(run, machine, frame)
+            machine.pid = frame.pid
+            self.store.update_machine(machine)
+            log.warning(
+                "job %s run %s minion %s: the wrapper reported a start after the result %d "
+                "was recorded; storing what it reports next to that result",
+                run.job_name,
+                run.run_id,
+                machine.machine,
+                machine.retcode,
+            )
         elif isinstance(frame, Output):
             self._on_output(run, machine, frame)
         elif isinstance(frame, Complete):
-            machine.last_seq = frame.seq
-            reason = Reason(frame.reason)
-            self._finish(run, machine, frame.retcode, reason, None)
+            machine.late_retcode = frame.retcode
+            machine.late_reason = Reason(frame.reason)
+            self.store.set_late_result(machine, utcnow())
+            log.warning(
+                "job %s run %s minion %s: late result %d (%s) stored next to the recorded %d (%s)",
+                run.job_name,
+                run.run_id,
+                machine.machine,
+                frame.retcode,
+                frame.reason,
+                machine.retcode,
+                machine.reason.value if machine.reason else "none",
+            )
+            self._announce(
+                job_tag(run.job_name, machine.machine, "complete"),
+                {
+                    "job": run.job_name,
+                    "run_id": run.run_id,
+                    "minion": machine.machine,
+                    "retcode": frame.retcode,
+                    "reason": frame.reason,
+                    "output_tail": machine.output_tail,
+                    "late": True,
+                    "recorded_retcode": machine.retcode,
+                    "recorded_reason": machine.reason.value if machine.reason else None,
+                },
+            )
         return machine.last_seq
 
     def _on_start(self, run: Run, machine: MachineRun, frame: Start) -> None:
@@ -512,6 +582,12 @@ class RunManager:
                     self.launch_timeout,
                     self.heartbeat_timeout,
                 )
+                if verdict is None:
+                    verdict = overrun_verdict(
+                        machine, run.timeout, utcnow(), self.heartbeat_timeout
+                    )
+                    if verdict is not None and machine.connection is not None:
+                        machine.connection.send_frame(protocol.encode("kill"))
                 if verdict is not None:
                     retcode, reason, note = verdict
                     self._finish(run, machine, retcode, reason, note)
@@ -575,6 +651,30 @@ def sweep_verdict(
             f"no heartbeat from the wrapper for {heartbeat_timeout:g} s",
         )
     return None
+
+
+def overrun_verdict(
+    machine: MachineRun, timeout: int | None, now: datetime, heartbeat_timeout: float
+) -> tuple[int, Reason, str] | None:
+    """Decide whether a running minion has gone past any result it could still send.
+
+    The wrapper enforces the job's timeout itself and reports within
+    ``timeout`` plus the kill grace. A wrapper that keeps sending heartbeats
+    but no result for a heartbeat window longer than that is stuck, and is
+    recorded as lost, so no run stays in flight forever. ``now`` is wall-clock
+    UTC, because the start time survives engine restarts only as a timestamp.
+    """
+    if machine.state is not MachineState.RUNNING or not timeout or machine.started_at is None:
+        return None
+    limit = timeout + KILL_GRACE_SECONDS + heartbeat_timeout
+    if (now - machine.started_at).total_seconds() <= limit:
+        return None
+    return (
+        RETCODE_LOST,
+        Reason.LOST,
+        f"no result from the wrapper within the timeout of {timeout} s plus "
+        f"{KILL_GRACE_SECONDS + heartbeat_timeout:g} s; the engine asked it to stop",
+    )
 
 
 def _parse(text: str | None) -> datetime | None:

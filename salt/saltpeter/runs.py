@@ -41,6 +41,7 @@ class RunStatus(str, enum.Enum):
     SUCCEEDED = "succeeded"  # every minion's retcode is 0
     FAILED = "failed"  # at least one minion's retcode is not 0
     SKIPPED = "skipped"  # the slot or request started nothing
+    MISSED = "missed"  # the slot passed while the engine was down and was not run
 
 
 class Reason(str, enum.Enum):
@@ -66,6 +67,7 @@ class SkipReason(str, enum.Enum):
 class Trigger(str, enum.Enum):
     SCHEDULE = "schedule"
     MANUAL = "manual"
+    CATCH_UP = "catch_up"  # a slot that passed while the engine was down
 
 
 def utcnow() -> datetime:
@@ -96,6 +98,10 @@ class MachineRun:
     kill_requested: bool = False
     # The last characters of output, for events; the store keeps the rest.
     output_tail: str = ""
+    # The wrapper's own result when it arrived after the engine had already
+    # recorded one (253 lost, or 255 when the minion did not respond in time).
+    late_retcode: int | None = None
+    late_reason: Reason | None = None
     # The open WebSocket connection of this minion's wrapper, if any.
     connection: Any = None
 
@@ -120,6 +126,7 @@ class Run:
     # restart has None here and the wrapper gets the current definition.
     job: Job | None = None
     jid: str | None = None
+    timeout: int | None = None  # seconds, 0 = no limit; None when not known
     ended_at: datetime | None = None
     status: RunStatus = RunStatus.RUNNING
 

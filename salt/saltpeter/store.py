@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS runs (
     skip_reason TEXT,
     token_hash TEXT,
     jid TEXT,
+    timeout INTEGER,
     targets TEXT NOT NULL DEFAULT '[]',
     maintenance TEXT NOT NULL DEFAULT '[]',
     UNIQUE (job, scheduled_at)
@@ -78,6 +79,9 @@ CREATE TABLE IF NOT EXISTS results (
     head_bytes INTEGER NOT NULL DEFAULT 0,
     tail_bytes INTEGER NOT NULL DEFAULT 0,
     dropped_bytes INTEGER NOT NULL DEFAULT 0,
+    late_retcode INTEGER,
+    late_reason TEXT,
+    late_ended_at TEXT,
     PRIMARY KEY (run_id, machine)
 );
 CREATE TABLE IF NOT EXISTS output (
@@ -144,6 +148,9 @@ class RunStore:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            # Takes effect only when the file is created; prune() then returns
+            # freed pages to the file system, so the file shrinks with history.
+            self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
@@ -215,7 +222,8 @@ class RunStore:
             self._db.execute("BEGIN")
             self._db.execute(
                 "INSERT INTO runs (run_id, job, trigger, scheduled_at, started_at, status, "
-                "token_hash, jid, targets, maintenance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "token_hash, jid, timeout, targets, maintenance) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run.run_id,
                     run.job_name,
@@ -225,6 +233,7 @@ class RunStore:
                     RunStatus.RUNNING.value,
                     run.token_hash,
                     run.jid,
+                    run.timeout,
                     json.dumps(sorted(targets)),
                     json.dumps(sorted(maintenance)),
                 ),
@@ -257,8 +266,26 @@ class RunStore:
         at: datetime,
         reason: SkipReason,
     ) -> None:
+        self._insert_unrun(run_id, job, trigger, scheduled_at, at, RunStatus.SKIPPED, reason.value)
+
+    def insert_missed(self, run_id: str, job: str, scheduled_at: datetime, at: datetime) -> bool:
+        """Record a slot that passed while the engine was down; False if the slot has a row."""
+        return self._insert_unrun(
+            run_id, job, Trigger.SCHEDULE, scheduled_at, at, RunStatus.MISSED, None
+        )
+
+    def _insert_unrun(
+        self,
+        run_id: str,
+        job: str,
+        trigger: Trigger,
+        scheduled_at: datetime | None,
+        at: datetime,
+        status: RunStatus,
+        reason: str | None,
+    ) -> bool:
         with self._db:
-            self._db.execute(
+            cursor = self._db.execute(
                 "INSERT OR IGNORE INTO runs (run_id, job, trigger, scheduled_at, started_at, "
                 "ended_at, status, skip_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -268,10 +295,22 @@ class RunStore:
                     isoformat(scheduled_at),
                     isoformat(at),
                     isoformat(at),
-                    RunStatus.SKIPPED.value,
-                    reason.value,
+                    status.value,
+                    reason,
                 ),
             )
+        return cursor.rowcount == 1
+
+    def latest_slots(self) -> dict[str, datetime]:
+        """Return each job's newest scheduled instant with a row: run, skipped or missed.
+
+        After a restart, slots later than this passed while the engine was down.
+        """
+        rows = self._db.execute(
+            "SELECT job, MAX(scheduled_at) AS slot FROM runs "
+            "WHERE scheduled_at IS NOT NULL GROUP BY job"
+        )
+        return {row["job"]: datetime.fromisoformat(row["slot"]) for row in rows}
 
     def set_jid(self, run_id: str, jid: str) -> None:
         self._db.execute("UPDATE runs SET jid = ? WHERE run_id = ?", (jid, run_id))
@@ -293,6 +332,20 @@ class RunStore:
             ),
         )
 
+    def set_late_result(self, machine: MachineRun, ended_at: datetime) -> None:
+        self._db.execute(
+            "UPDATE results SET late_retcode = ?, late_reason = ?, late_ended_at = ?, "
+            "last_seq = ? WHERE run_id = ? AND machine = ?",
+            (
+                machine.late_retcode,
+                machine.late_reason.value if machine.late_reason else None,
+                isoformat(ended_at),
+                machine.last_seq,
+                machine.run_id,
+                machine.machine,
+            ),
+        )
+
     def finish_run(self, run: Run) -> None:
         self._db.execute(
             "UPDATE runs SET status = ?, ended_at = ? WHERE run_id = ?",
@@ -300,6 +353,39 @@ class RunStore:
         )
         for key in [key for key in self._counters if key[0] == run.run_id]:
             del self._counters[key]
+
+    def prune(self, older_than: datetime, keep_per_job: int) -> int:
+        """Delete finished runs started before ``older_than`` or beyond the newest
+        ``keep_per_job`` of their job, with their results and output.
+
+        Runs in flight are never deleted. Returns the number of runs deleted.
+        """
+        running = RunStatus.RUNNING.value
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("DROP TABLE IF EXISTS temp.doomed")
+            self._db.execute(
+                "CREATE TEMP TABLE doomed AS SELECT run_id FROM ("
+                "  SELECT run_id, status, started_at, ROW_NUMBER() OVER ("
+                "    PARTITION BY job ORDER BY started_at DESC, rowid DESC) AS position"
+                "  FROM runs"
+                ") WHERE status != ? AND (started_at < ? OR position > ?)",
+                (running, isoformat(older_than), keep_per_job),
+            )
+            self._db.execute("DELETE FROM output WHERE run_id IN (SELECT run_id FROM temp.doomed)")
+            self._db.execute("DELETE FROM results WHERE run_id IN (SELECT run_id FROM temp.doomed)")
+            deleted = self._db.execute(
+                "DELETE FROM runs WHERE run_id IN (SELECT run_id FROM temp.doomed)"
+            ).rowcount
+            self._db.execute("DROP TABLE temp.doomed")
+        if deleted:
+            self._db.execute("PRAGMA incremental_vacuum")
+        return deleted
+
+    def size_bytes(self) -> int:
+        """Return the size of the database file and its write-ahead log."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        return sum(path.stat().st_size for path in (self.path, wal) if path.exists())
 
     # -- output -------------------------------------------------------------
 
@@ -417,7 +503,7 @@ class RunStore:
     def latest_run(self, job: str, include_skipped: bool = False) -> dict[str, Any] | None:
         query = "SELECT * FROM runs WHERE job = ?"
         if not include_skipped:
-            query += f" AND status != '{RunStatus.SKIPPED.value}'"
+            query += f" AND status NOT IN ('{RunStatus.SKIPPED.value}', '{RunStatus.MISSED.value}')"
         row = self._db.execute(
             query + " ORDER BY started_at DESC, rowid DESC LIMIT 1", (job,)
         ).fetchone()
@@ -437,6 +523,9 @@ class RunStore:
                 "ended_at": row["ended_at"],
                 "pid": row["pid"],
                 "last_seq": row["last_seq"],
+                "late_retcode": row["late_retcode"],
+                "late_reason": row["late_reason"],
+                "late_ended_at": row["late_ended_at"],
             }
             if with_output:
                 result["output"] = self.output(run_id, row["machine"])
@@ -456,6 +545,8 @@ class RunStore:
                 ended_at=_parse_instant(row["ended_at"]),
                 pid=row["pid"],
                 last_seq=row["last_seq"],
+                late_retcode=row["late_retcode"],
+                late_reason=Reason(row["late_reason"]) if row["late_reason"] else None,
             )
             for row in rows
         ]
@@ -473,6 +564,7 @@ class RunStore:
             "skip_reason": row["skip_reason"],
             "token_hash": row["token_hash"],
             "jid": row["jid"],
+            "timeout": row["timeout"],
             "targets": json.loads(row["targets"]),
             "maintenance": json.loads(row["maintenance"]),
         }

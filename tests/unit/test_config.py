@@ -1327,6 +1327,8 @@ class TestDescribe:
             "env": [],
             "timeout": 3600,
             "allow_overlap": False,
+            "catch_up": "latest",
+            "catch_up_limit": 10,
             "wrapper_path": None,
             "wrapper_loglevel": None,
             "wrapper_logdir": None,
@@ -1421,3 +1423,52 @@ class TestApiToken:
 
     def test_token_is_not_in_repr(self) -> None:
         assert "s3cret" not in repr(Settings(api_token="s3cret"))
+
+
+class TestCatchUp:
+    def test_defaults(self, tmp_path: Path) -> None:
+        parsed = load_one_job(tmp_path, job())
+        assert parsed.catch_up == "latest"
+        assert parsed.catch_up_limit == 10
+
+    @pytest.mark.parametrize(
+        ("value", "expected"), [("none", "none"), ("all", "all"), (False, "none")]
+    )
+    def test_policies(self, tmp_path: Path, value: object, expected: str) -> None:
+        assert load_one_job(tmp_path, job(catch_up=value)).catch_up == expected
+
+    def test_unknown_policy(self, tmp_path: Path) -> None:
+        (tmp_path / "db.yaml").write_text(yaml.safe_dump({"backup": job(catch_up="some")}))
+        errors = [str(error) for error in load_directory(tmp_path).errors]
+        assert errors == [
+            f"job 'backup' in {tmp_path / 'db.yaml'}: field 'catch_up': 'some' is invalid: "
+            "expected one of none, latest, all"
+        ]
+
+    @pytest.mark.parametrize("value", [0, -1, "3", True])
+    def test_bad_limit(self, tmp_path: Path, value: object) -> None:
+        (tmp_path / "db.yaml").write_text(yaml.safe_dump({"backup": job(catch_up_limit=value)}))
+        errors = [str(error) for error in load_directory(tmp_path).errors]
+        assert len(errors) == 1
+        assert "field 'catch_up_limit'" in errors[0]
+
+
+class TestTlsAndHistorySettings:
+    def test_wss_url_with_certificate(self) -> None:
+        settings = Settings(
+            default_saltpeter_server_host="sp.example.com", machines_ws_certfile="/c.pem"
+        )
+        assert settings.wrapper_url() == "wss://sp.example.com:8889/wrapper"
+
+    def test_history_settings(self, tmp_path: Path) -> None:
+        (tmp_path / "c.yaml").write_text(
+            "saltpeter_config:\n  history_days: 7\n  history_runs_per_job: 50\n"
+        )
+        settings = load_directory(tmp_path).settings
+        assert settings.history_days == 7.0
+        assert settings.history_runs_per_job == 50
+
+    def test_history_days_must_be_positive(self, tmp_path: Path) -> None:
+        (tmp_path / "c.yaml").write_text("saltpeter_config:\n  history_days: 0\n")
+        errors = [str(error) for error in load_directory(tmp_path).errors]
+        assert "0 is invalid: must be more than 0" in errors[0]

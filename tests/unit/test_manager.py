@@ -7,7 +7,7 @@ the same events on a real bus.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -317,20 +317,127 @@ class TestCompletion:
         complete(manager, run, "m2")
         assert store.run(run.run_id)["status"] == RunStatus.SUCCEEDED.value
 
-    def test_frames_after_result_are_acked_not_stored(
-        self, manager: RunManager, store: RunStore, clock: FakeClock
+    def test_duplicate_complete_is_acked_not_stored(
+        self, manager: RunManager, store: RunStore, events: RecordedEvents
     ) -> None:
-        run, _ = start_run(manager)
+        run, token = start_run(manager, targets=("m1",))
+        complete(manager, run, "m1")
+        found_run, machine = manager.authenticate(hello(run.run_id, token))
+        assert manager.on_frame(found_run, machine, Output(3, "extra\n")) == 3
+        assert "extra" not in store.output(run.run_id, "m1")
+        assert len(events.tags()) == 4
+
+
+class TestLateResults:
+    def lose(self, manager: RunManager, clock: FakeClock):
+        run, token = start_run(manager, targets=("m1",))
         machine = run.machines["m1"]
         manager.on_frame(run, machine, Start(1, 42, "t"))
+        manager.on_frame(run, machine, Output(2, "before\n"))
         clock.now += 16
         manager.sweep()
-        assert machine.reason is Reason.LOST
-        assert manager.on_frame(run, machine, Output(2, "late\n")) == 2
-        assert "late" not in store.output(run.run_id, "m1")
+        return run, token
+
+    def test_late_output_and_result_are_stored(
+        self, manager: RunManager, store: RunStore, clock: FakeClock
+    ) -> None:
+        run, token = self.lose(manager, clock)
+        found_run, machine = manager.authenticate(hello(run.run_id, token, need_job=False))
+        assert manager.welcome(found_run, machine, need_job=False)["acked"] == 2
+        assert manager.on_frame(found_run, machine, Output(3, "after\n")) == 3
+        assert manager.on_frame(found_run, machine, Complete(4, 0, "exit", "t", None)) == 4
+        result = store.results(run.run_id)["m1"]
+        assert result["retcode"] == 253
+        assert result["late_retcode"] == 0
+        assert result["late_reason"] == "exit"
+        assert result["output"].startswith("before\n")
+        assert result["output"].endswith("after\n")
+
+    def test_late_result_is_announced(
+        self, manager: RunManager, events: RecordedEvents, clock: FakeClock
+    ) -> None:
+        run, token = self.lose(manager, clock)
+        found_run, machine = manager.authenticate(hello(run.run_id, token, need_job=False))
+        manager.on_frame(found_run, machine, Complete(3, 5, "exit", "t", None))
+        data = events.last("saltpeter/job/backup/m1/complete")
+        assert data["late"] is True
+        assert data["retcode"] == 5
+        assert data["recorded_retcode"] == 253
+
+    def test_second_late_result_is_dropped(
+        self, manager: RunManager, store: RunStore, clock: FakeClock
+    ) -> None:
+        run, token = self.lose(manager, clock)
+        found_run, machine = manager.authenticate(hello(run.run_id, token, need_job=False))
+        manager.on_frame(found_run, machine, Complete(3, 5, "exit", "t", None))
+        assert manager.on_frame(found_run, machine, Output(4, "ghost\n")) == 4
+        assert "ghost" not in store.output(run.run_id, "m1")
+
+    def test_no_response_then_wrapper_reports(
+        self, manager: RunManager, store: RunStore, clock: FakeClock
+    ) -> None:
+        run, token = start_run(manager, targets=("m1",))
+        clock.now += 31
+        manager.sweep()
+        found_run, machine = manager.authenticate(hello(run.run_id, token))
+        assert manager.welcome(found_run, machine, need_job=True)["job"] is None
+        manager.on_frame(found_run, machine, Start(1, 9, "t"))
+        manager.on_frame(found_run, machine, Complete(2, 0, "exit", "t", None))
+        result = store.results(run.run_id)["m1"]
+        assert result["retcode"] == 255
+        assert result["late_retcode"] == 0
+
+
+class TestMissed:
+    def test_missed_slot_recorded_once(
+        self, manager: RunManager, store: RunStore, events: RecordedEvents
+    ) -> None:
+        manager.record_missed("backup", SLOT)
+        manager.record_missed("backup", SLOT)
+        assert [tag for tag in events.tags() if tag.endswith("/missed")] == [
+            "saltpeter/job/backup/missed"
+        ]
+        assert store.slot_taken("backup", SLOT)
+        assert store.runs("backup")[0]["status"] == "missed"
 
 
 class TestSweep:
+    def test_overrun_wrapper_is_stopped(self, manager: RunManager, clock: FakeClock) -> None:
+        run, _ = start_run(manager)
+        machine = run.machines["m1"]
+        connection = RecordedConnection()
+        manager.attach(run, machine, connection)
+        manager.on_frame(run, machine, Start(1, 42, "t"))
+        run.timeout = 60
+        machine.started_at = machine.started_at - timedelta(seconds=81)
+        manager.sweep()
+        assert machine.retcode == 253
+        assert connection.frames == ['{"type":"kill"}']
+
+    def test_no_timeout_never_overruns(self, manager: RunManager) -> None:
+        run, _ = start_run(manager)
+        machine = run.machines["m1"]
+        manager.on_frame(run, machine, Start(1, 42, "t"))
+        run.timeout = 0
+        machine.started_at = machine.started_at - timedelta(days=30)
+        manager.sweep()
+        assert machine.retcode is None
+
+    def test_reloaded_run_gets_reconnect_grace(
+        self, store: RunStore, events: RecordedEvents, clock: FakeClock
+    ) -> None:
+        first = RunManager(store, events, {"backup": make_job()}.get, clock=clock)
+        run, _ = start_run(first)
+        first.on_frame(run, run.machines["m1"], Start(1, 42, "t"))
+        reloaded = RunManager(store, events, {}.get, heartbeat_timeout=15, clock=clock)
+        reloaded.load_in_flight()
+        clock.now += 40
+        reloaded.sweep()
+        assert reloaded.runs[run.run_id].machines["m1"].retcode is None
+        clock.now += 10
+        reloaded.sweep()
+        assert store.results(run.run_id)["m1"]["retcode"] == 253
+
     def test_silent_minion_gets_255(self, manager: RunManager, clock: FakeClock, store) -> None:
         run, _ = start_run(manager)
         clock.now += 31

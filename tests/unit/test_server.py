@@ -26,7 +26,7 @@ import tornado.httpclient
 import tornado.netutil
 import tornado.websocket
 
-from saltpeter import minion, server, wrapper
+from saltpeter import minion, protocol, server, wrapper
 from saltpeter.config import Settings, parse_job
 from saltpeter.manager import RunManager
 from saltpeter.runs import Run, Trigger
@@ -305,3 +305,81 @@ class TestRejections:
         assert replies[0]["type"] == "welcome"
         assert replies[0]["acked"] == 0
         assert replies[0]["job"]["env"] == {"KEY": "value"}
+
+
+class TestHostilePeers:
+    def test_oversized_frame_closes_and_counts(self, engine: EngineLoop) -> None:
+        replies = engine.exchange(engine.connect(), "x" * (protocol.MAX_FRAME_BYTES + 10))
+        assert replies[-1] is None
+        wait_until(lambda: engine.rejections["too_large"] == 1)
+
+    def test_silent_connection_is_closed(
+        self, engine: EngineLoop, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(server, "HELLO_TIMEOUT_SECONDS", 0.5)
+        connection = engine.connect()
+
+        async def read() -> Any:
+            first = await asyncio.wait_for(connection.read_message(), timeout=5)
+            second = await asyncio.wait_for(connection.read_message(), timeout=5)
+            return first, second
+
+        first, second = asyncio.run_coroutine_threadsafe(read(), engine.loop).result(10)
+        assert json.loads(first)["code"] == "hello_timeout"
+        assert second is None
+
+    def test_flood_is_cut_off(self, engine: EngineLoop) -> None:
+        run, token = engine.start_run("true")
+        connection = engine.connect()
+        engine.exchange(connection, hello_frame(run, token))
+        heartbeat = json.dumps({"type": "heartbeat", "time": "t"})
+
+        async def flood() -> None:
+            for _ in range(int(server.FRAME_BURST) + 500):
+                try:
+                    await connection.write_message(heartbeat)
+                except tornado.websocket.WebSocketClosedError:
+                    return
+
+        asyncio.run_coroutine_threadsafe(flood(), engine.loop).result(timeout=30)
+        wait_until(lambda: engine.rejections["flood"] == 1)
+
+    def test_unknown_frame_type_after_hello(self, engine: EngineLoop) -> None:
+        run, token = engine.start_run("true")
+        connection = engine.connect()
+        engine.exchange(connection, hello_frame(run, token))
+        replies = engine.exchange(connection, json.dumps({"type": "launch_missiles"}))
+        assert replies[0]["code"] == "bad_message"
+        assert replies[-1] is None
+
+
+class TestRejectionLog:
+    def test_repeats_are_logged_once_per_interval(self, caplog: pytest.LogCaptureFixture) -> None:
+        now = [0.0]
+        counts: collections.Counter[str] = collections.Counter()
+        rejection_log = server.RejectionLog(counts, clock=lambda: now[0], interval=60)
+        with caplog.at_level("WARNING", logger="saltpeter.server"):
+            for _ in range(5):
+                rejection_log.record("10.0.0.9", "before hello", "auth_failed", "bad token")
+            now[0] = 61
+            rejection_log.record("10.0.0.9", "before hello", "auth_failed", "bad token")
+        assert counts["auth_failed"] == 6
+        assert len(caplog.records) == 2
+        assert "10.0.0.9" in caplog.records[0].getMessage()
+        assert "4 more from this peer" in caplog.records[1].getMessage()
+
+
+class TestTokenBucket:
+    def test_burst_then_rate(self) -> None:
+        bucket = server.TokenBucket(rate=10, capacity=3, tokens=3, updated=0.0)
+        assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+        assert bucket.take(0.1) is True
+        assert bucket.take(0.1) is False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
