@@ -339,10 +339,19 @@ class Settings:
     default_wrapper_path: str = "/usr/local/bin/sp_wrapper.py"
     default_wrapper_loglevel: str = "normal"
     default_wrapper_logdir: str = "/var/log/sp_wrapper"
-    elasticsearch: str = ""
+    # Cluster URLs may contain credentials, so they stay out of repr().
+    elasticsearch: str = field(default="", repr=False)
     elasticsearch_index: str = "saltpeter"
-    opensearch: str = ""
+    elasticsearch_username: str = ""
+    elasticsearch_password: str = field(default="", repr=False)
+    elasticsearch_api_key: str = field(default="", repr=False)
+    elasticsearch_ca_certs: str = ""
+    opensearch: str = field(default="", repr=False)
     opensearch_index: str = "saltpeter"
+    opensearch_username: str = ""
+    opensearch_password: str = field(default="", repr=False)
+    opensearch_ca_certs: str = ""
+    shipping_spool_max_bytes: int = 104857600  # disk spool per cluster while it is down
     timezone: str = "UTC"  # default zone of job schedules (IANA name)
     launch_timeout: float = 30.0  # s to wait for a minion's response to the launch
     heartbeat_timeout: float = 15.0  # s without a frame before a run on a minion is lost
@@ -391,10 +400,18 @@ _SETTINGS_VALIDATORS: Mapping[str, Callable[[object], object]] = MappingProxyTyp
         "default_wrapper_path": _check_text,
         "default_wrapper_loglevel": _check_loglevel,
         "default_wrapper_logdir": _check_text,
-        "elasticsearch": _check_text_or_empty,
+        "elasticsearch": _check_secret,
         "elasticsearch_index": _check_text,
-        "opensearch": _check_text_or_empty,
+        "opensearch": _check_secret,
         "opensearch_index": _check_text,
+        "elasticsearch_username": _check_text_or_empty,
+        "elasticsearch_password": _check_secret,
+        "elasticsearch_api_key": _check_secret,
+        "elasticsearch_ca_certs": _check_text_or_empty,
+        "opensearch_username": _check_text_or_empty,
+        "opensearch_password": _check_secret,
+        "opensearch_ca_certs": _check_text_or_empty,
+        "shipping_spool_max_bytes": _check_positive_int,
         "timezone": _check_timezone,
         "launch_timeout": _check_positive_seconds,
         "heartbeat_timeout": _check_positive_seconds,

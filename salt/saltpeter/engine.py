@@ -29,6 +29,7 @@ from saltpeter.metrics import Metrics
 from saltpeter.runs import Run, SkipReason, Trigger, utcnow
 from saltpeter.saltbridge import SaltBridge, parse_return_tag
 from saltpeter.scheduler import Scheduler
+from saltpeter.shipping import Shipper, shippers_from_settings
 from saltpeter.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Engine:
         self.store: RunStore | None = None
         self.manager: RunManager | None = None
         self.scheduler: Scheduler | None = None
+        self.shippers: list[Shipper] = []
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -122,6 +124,16 @@ class Engine:
             wrappers_connected=self._connected_wrappers,
             rejections=self.rejections,
         )
+        self.shippers = shippers_from_settings(
+            self.settings,
+            self.store_path.parent / "spool",
+            self.store.output,
+            self._group_of,
+        )
+        for shipper in self.shippers:
+            self.manager.observers.append(shipper)
+            # Started in the background: a slow cluster must not delay the first dispatch.
+            self._spawn(shipper.start())
         reloaded = self.manager.load_in_flight()
         if reloaded:
             log.info("%d run(s) were in flight when the engine stopped; waiting for them", reloaded)
@@ -155,6 +167,8 @@ class Engine:
             http_server.stop()
             if api_server is not None:
                 api_server.stop()
+            for shipper in self.shippers:
+                await shipper.close()
             await self.bridge.close()
             self.store.close()
             self.executor.shutdown(wait=False)
@@ -225,6 +239,10 @@ class Engine:
                         loop.time() - started,
                     )
             await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+
+    def _group_of(self, name: str) -> str | None:
+        job = self.jobs.get(name)
+        return job.group if job is not None else None
 
     def _connected_wrappers(self) -> int:
         if self.manager is None:

@@ -156,7 +156,7 @@ class RunManager:
             return
         self._announce(
             job_tag(job_name, "missed"),
-            {"job": job_name, "scheduled": isoformat(scheduled_at)},
+            {"job": job_name, "run_id": run_id, "scheduled": isoformat(scheduled_at)},
         )
 
     def record_skip(
@@ -177,6 +177,7 @@ class RunManager:
             job_tag(job_name, "skipped"),
             {
                 "job": job_name,
+                "run_id": run_id,
                 "reason": reason.value,
                 "scheduled": isoformat(scheduled_at),
                 "running": running,
@@ -346,8 +347,18 @@ class RunManager:
         return self._run_from_row(row)
 
     def welcome(self, run: Run, machine: MachineRun, need_job: bool) -> dict[str, Any]:
+        """Build the welcome frame, with the job definition when the wrapper needs it.
+
+        A wrapper that starts after the engine recorded 255 for its minion (the
+        launch was answered too late) still gets the job, and its result is
+        stored as a late result. A minion whose wrapper already reported its
+        own result gets none, so a stale wrapper exits without running anything.
+        """
         job_spec = None
-        if need_job and not machine.done:
+        may_run = not machine.done or (
+            machine.reason in ENGINE_DECIDED_REASONS and machine.late_retcode is None
+        )
+        if need_job and may_run:
             job = run.job or self.job_lookup(run.job_name)
             if job is None:
                 raise ProtocolError(

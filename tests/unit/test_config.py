@@ -907,7 +907,7 @@ class TestSettings:
             ("api_ws", 1, "1 is invalid: expected true or false"),
             ("logdir", "", "'' is invalid: must not be empty"),
             ("logdir", 5, "5 is invalid: expected a string, got a number"),
-            ("elasticsearch", None, "null is invalid: expected a string, got null"),
+            ("elasticsearch", None, "the value is invalid: expected a string, got null"),
             (
                 "default_wrapper_loglevel",
                 "trace",

@@ -380,7 +380,7 @@ class TestLateResults:
         clock.now += 31
         manager.sweep()
         found_run, machine = manager.authenticate(hello(run.run_id, token))
-        assert manager.welcome(found_run, machine, need_job=True)["job"] is None
+        assert manager.welcome(found_run, machine, need_job=True)["job"]["command"] == "echo hi"
         manager.on_frame(found_run, machine, Start(1, 9, "t"))
         manager.on_frame(found_run, machine, Complete(2, 0, "exit", "t", None))
         result = store.results(run.run_id)["m1"]
