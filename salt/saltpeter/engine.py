@@ -151,7 +151,13 @@ class Engine:
         if self.settings.api_ws:
             from saltpeter import api
 
-            api_server = api.listen(self, self.settings.api_ws_port, self.settings.api_ws_bind_addr)
+            try:
+                api_server = api.listen(
+                    self, self.settings.api_ws_port, self.settings.api_ws_bind_addr
+                )
+            except (api.ApiConfigError, OSError) as exc:
+                # Scheduling goes on without the API; the operator fixes the setting.
+                log.error("the HTTP API is not served: %s", exc)
         self._catch_up(utcnow())
         self.scheduler = Scheduler(self._on_fire, on_next=self._on_next_fire)
         self.scheduler.update(self.jobs)
@@ -239,6 +245,11 @@ class Engine:
                         loop.time() - started,
                     )
             await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the start-up wait for minions is over and runs are dispatched."""
+        return self._ready.is_set()
 
     def _group_of(self, name: str) -> str | None:
         job = self.jobs.get(name)

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -338,12 +338,18 @@ class Daemon:
 
 @dataclass(frozen=True)
 class Layout:
-    """File locations, ports and minion IDs of one sandbox."""
+    """File locations, ports and minion IDs of one sandbox, and how its daemons start."""
 
     root: Path
     minion_ids: tuple[str, ...]
     ports: Ports
     jobs_dir: Path
+    # Directory of the salt-master, salt-minion, salt and salt-run scripts. None: the
+    # directory of the Python running this module.
+    bin_dir: Path | None = None
+    # Environment variables added for the master and the salt, salt-run and salt-key
+    # commands, such as PYTHONPATH for a master that imports Saltpeter from a checkout.
+    master_env: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def master_dir(self) -> Path:
@@ -430,6 +436,8 @@ class Layout:
                 }
                 for minion in self.minions
             ],
+            "bin_dir": str(self.bin_dir) if self.bin_dir is not None else None,
+            "master_env": dict(self.master_env),
             "saltpeter": {
                 "config_dir": str(self.jobs_dir),
                 "machines_ws_port": self.ports.machines_ws,
@@ -455,6 +463,8 @@ class Layout:
                 api_ws=saltpeter["api_ws_port"],
             ),
             jobs_dir=Path(saltpeter["config_dir"]),
+            bin_dir=Path(data["bin_dir"]) if data.get("bin_dir") else None,
+            master_env=dict(data.get("master_env") or {}),
         )
 
 
@@ -464,6 +474,8 @@ def engine_settings(layout: Layout, extra: Mapping[str, object] | None) -> dict[
         "machines_ws_port": layout.ports.machines_ws,
         "machines_ws_bind_addr": LOCALHOST,
         "default_saltpeter_server_host": LOCALHOST,
+        # The dashboard and HTTP API, on loopback only, so no token is needed.
+        "api_ws": True,
         "api_ws_port": layout.ports.api_ws,
         "api_ws_bind_addr": LOCALHOST,
         "default_wrapper_path": str(WRAPPER_PATH),
@@ -475,11 +487,16 @@ def engine_settings(layout: Layout, extra: Mapping[str, object] | None) -> dict[
     return settings
 
 
-def master_config(layout: Layout, settings: Mapping[str, object]) -> dict[str, object]:
-    """Return the master's config: every path under the root, every socket on 127.0.0.1."""
+def master_config(
+    layout: Layout, settings: Mapping[str, object], extra: Mapping[str, object] | None = None
+) -> dict[str, object]:
+    """Return the master's config: every path under the root, every socket on 127.0.0.1.
+
+    EXTRA replaces or adds top-level options, for example ``file_roots`` or ``reactor``.
+    """
     master_dir = layout.master_dir
     master = layout.master
-    return {
+    config: dict[str, object] = {
         "id": f"{layout.root.name}-master",
         "user": _current_user(),
         "interface": LOCALHOST,
@@ -502,13 +519,20 @@ def master_config(layout: Layout, settings: Mapping[str, object]) -> dict[str, o
             {"saltpeter": {"config_dir": str(layout.jobs_dir), "settings": dict(settings)}}
         ],
     }
+    config.update(extra or {})
+    return config
 
 
-def minion_config(layout: Layout, minion_id: str) -> dict[str, object]:
-    """Return a minion's config, pointing at the sandbox's master on 127.0.0.1."""
+def minion_config(
+    layout: Layout, minion_id: str, extra: Mapping[str, object] | None = None
+) -> dict[str, object]:
+    """Return a minion's config, pointing at the sandbox's master on 127.0.0.1.
+
+    EXTRA replaces or adds top-level options.
+    """
     minion = layout.minion(minion_id)
     minion_dir = minion.config_dir
-    return {
+    config: dict[str, object] = {
         "id": minion_id,
         "user": _current_user(),
         "master": LOCALHOST,
@@ -529,7 +553,11 @@ def minion_config(layout: Layout, minion_id: str) -> dict[str, object]:
         # Seconds between authentication attempts while the master is not reachable.
         "acceptance_wait_time": 2,
         "saltpeter_statedir": str(layout.statedir(minion_id)),
+        # Where saltpeter.running, kill_local and wrapper_version find the wrapper.
+        "saltpeter_wrapper_path": str(WRAPPER_PATH),
     }
+    config.update(extra or {})
+    return config
 
 
 def _current_user() -> str:
@@ -538,12 +566,14 @@ def _current_user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name
 
 
-def salt_script(name: str) -> Path:
-    """Return the path of Salt's script NAME in the Python environment running this module."""
-    path = Path(sys.executable).parent / name
+def salt_script(name: str, bin_dir: Path | None = None) -> Path:
+    """Return the path of Salt's script NAME in BIN_DIR, by default in the Python
+    environment running this module."""
+    directory = bin_dir if bin_dir is not None else Path(sys.executable).parent
+    path = directory / name
     if not path.is_file():
         raise SandboxError(
-            f"{name} not found next to {sys.executable}. Run the sandbox with the Python "
+            f"{name} not found in {directory}. Run the sandbox with the Python "
             "of the environment where Salt is installed (scripts/bootstrap.sh builds .venv)"
         )
     return path
@@ -731,8 +761,17 @@ class Sandbox:
         jobs_dir: Path | None = None,
         timeout: float = DEFAULT_UP_TIMEOUT,
         settings: Mapping[str, object] | None = None,
+        master_extra: Mapping[str, object] | None = None,
+        minion_extra: Mapping[str, object] | None = None,
+        master_env: Mapping[str, str] | None = None,
+        bin_dir: Path | None = None,
     ) -> None:
         """Write the configs, start the master and MINIONS minions, and wait for test.ping.
+
+        SETTINGS override the engine's settings. MASTER_EXTRA and MINION_EXTRA replace
+        or add top-level options of the master's and every minion's config. MASTER_ENV
+        adds environment variables for the master and the salt commands. BIN_DIR holds
+        the Salt scripts to run, by default those next to this Python.
 
         Returns once every minion responds to ``test.ping`` through the master. Raises
         SandboxError if the root already runs a sandbox. A daemon that exits, or
@@ -762,8 +801,15 @@ class Sandbox:
         deadline = Deadline.after(timeout)
         minion_ids = tuple(f"minion-{number}" for number in range(1, minions + 1))
         for attempt in (1, 2):
-            layout = Layout(self.root, minion_ids, Ports.pick(), jobs)
-            self._write(layout, engine_settings(layout, settings))
+            layout = Layout(
+                self.root,
+                minion_ids,
+                Ports.pick(),
+                jobs,
+                bin_dir=Path(bin_dir).absolute() if bin_dir is not None else None,
+                master_env=dict(master_env or {}),
+            )
+            self._write(layout, engine_settings(layout, settings), master_extra, minion_extra or {})
             try:
                 self._start_and_wait(deadline)
             except PortConflictError as exc:
@@ -785,13 +831,19 @@ class Sandbox:
                 f"the {UNIX_SOCKET_PATH_MAX}-byte limit of Unix sockets. Choose a shorter --root."
             )
 
-    def _write(self, layout: Layout, settings: Mapping[str, object]) -> None:
+    def _write(
+        self,
+        layout: Layout,
+        settings: Mapping[str, object],
+        master_extra: Mapping[str, object] | None = None,
+        minion_extra: Mapping[str, object] | None = None,
+    ) -> None:
         for directory in (layout.master_dir, layout.logdir, layout.wrapper_logdir):
             directory.mkdir(parents=True, exist_ok=True)
-        _write_yaml(layout.master.config_file, master_config(layout, settings))
+        _write_yaml(layout.master.config_file, master_config(layout, settings, master_extra))
         for minion in layout.minions:
             layout.statedir(minion.name).mkdir(parents=True, exist_ok=True)
-            _write_yaml(minion.config_file, minion_config(layout, minion.name))
+            _write_yaml(minion.config_file, minion_config(layout, minion.name, minion_extra))
         self.state_file.write_text(json.dumps(layout.to_json(), indent=2) + "\n")
         self._layout = layout
 
@@ -836,9 +888,18 @@ class Sandbox:
             self._log_offsets[daemon.name] = daemon.log_file.stat().st_size
         except FileNotFoundError:
             self._log_offsets[daemon.name] = 0
-        command = [str(salt_script(daemon.program)), "-c", str(daemon.config_dir), "-d"]
+        layout = self.layout
+        command = [
+            str(salt_script(daemon.program, layout.bin_dir)),
+            "-c",
+            str(daemon.config_dir),
+            "-d",
+        ]
+        env = {**os.environ, **layout.master_env} if daemon == layout.master else None
         # The script forks the daemon and exits at once, so later output goes to the log.
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=60, check=False, env=env
+        )
         if result.returncode != 0:
             output = result.stderr.strip() or result.stdout.strip()
             message = f"{' '.join(command)} failed with exit status {result.returncode}: {output}"
@@ -1092,10 +1153,16 @@ class Sandbox:
     def _run(
         self, program: str, args: Sequence[str], timeout: float
     ) -> subprocess.CompletedProcess[str]:
-        command = [str(salt_script(program)), "-c", str(self.master_dir), *args]
+        layout = self.layout
+        command = [str(salt_script(program, layout.bin_dir)), "-c", str(self.master_dir), *args]
         try:
             return subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout, check=False
+                command,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                env={**os.environ, **layout.master_env},
             )
         except subprocess.TimeoutExpired as exc:
             raise SandboxError(f"{' '.join(command)} timed out after {timeout:g} s") from exc
@@ -1321,6 +1388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sandbox.up(args.minions, jobs_dir=args.jobs, timeout=args.timeout)
             _print_status(sandbox)
             print(f"try: {salt_script('salt')} -c {sandbox.master_dir} '*' test.ping")
+            print(f"dashboard: http://{LOCALHOST}:{sandbox.api_port}/")
         elif args.command == "down":
             sandbox.down()
             print(f"no process of the sandbox in {sandbox.root} is running")
