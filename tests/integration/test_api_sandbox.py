@@ -276,3 +276,114 @@ class TestWebSocket:
         assert kill["signalled"] == {result["run_id"]: ["minion-3"]}
         assert finished[-1]["data"]["retcode"] == 143
         wait_for_run(sandbox, result["run_id"])
+
+
+class TestEveryEndpoint:
+    """Each endpoint and each error status, against the engine in the sandbox."""
+
+    def test_jobs_lists_definitions(self, sandbox: Sandbox) -> None:
+        body = request(sandbox, "GET", "/jobs").json()
+        text = json.dumps(body)
+        assert "chatty" in text
+        assert "sleeper" in text
+        assert "quick" in text
+
+    def test_runs_history_and_limit(self, sandbox: Sandbox) -> None:
+        run_id = request(sandbox, "POST", "/run", {"job": "quick"}).json()["run_id"]
+        wait_for_run(sandbox, run_id)
+        response = request(sandbox, "GET", "/runs?job=quick&limit=1")
+        assert response.status == 200
+        assert run_id in json.dumps(response.json())
+
+    @pytest.mark.parametrize("limit", ["0", "1001", "many"])
+    def test_runs_bad_limit_is_400(self, sandbox: Sandbox, limit: str) -> None:
+        assert request(sandbox, "GET", f"/runs?job=quick&limit={limit}").status == 400
+
+    def test_unknown_run_id_is_404(self, sandbox: Sandbox) -> None:
+        assert request(sandbox, "GET", "/runs/quick_0000000000").status == 404
+
+    def test_metrics_are_prometheus_text(self, sandbox: Sandbox) -> None:
+        run_id = request(sandbox, "POST", "/run", {"job": "quick"}).json()["run_id"]
+        wait_for_run(sandbox, run_id)
+        text = request(sandbox, "GET", "/metrics").body.decode()
+        assert 'saltpeter_runs_started_total{job="quick",trigger="manual"}' in text
+        assert "saltpeter_dispatch_lateness_seconds_bucket" in text
+
+    def test_config_shows_maintenance_and_debug(self, sandbox: Sandbox) -> None:
+        body = request(sandbox, "GET", "/config").json()
+        assert "debug" in json.dumps(body)
+        assert "maintenance" in json.dumps(body)
+
+    @pytest.mark.parametrize("path", ["/run", "/kill"])
+    @pytest.mark.parametrize("body", [b"not json", b"[]", b'{"job": 5}', b"{}"])
+    def test_malformed_body_is_400(self, sandbox: Sandbox, path: str, body: bytes) -> None:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{sandbox.api_port}{path}", data=body, method="POST", headers=AUTH
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(req, timeout=WAIT_SECONDS)
+        assert caught.value.code == 400
+
+    @pytest.mark.parametrize(("method", "path"), [("POST", "/run"), ("POST", "/kill")])
+    def test_unknown_job_is_404(self, sandbox: Sandbox, method: str, path: str) -> None:
+        response = request(sandbox, method, path, {"job": "no_such_job"})
+        assert response.status == 404
+        assert "no_such_job" in response.json()["message"]
+
+    def test_unknown_job_status_is_404(self, sandbox: Sandbox) -> None:
+        assert request(sandbox, "GET", "/status?job=no_such_job").status == 404
+
+    def test_overlapping_run_is_409(self, sandbox: Sandbox) -> None:
+        run_id = request(sandbox, "POST", "/run", {"job": "sleeper"}).json()["run_id"]
+        try:
+            response = request(sandbox, "POST", "/run", {"job": "sleeper"})
+            assert response.status == 409
+            assert "overlap" in json.dumps(response.json())
+        finally:
+            assert request(sandbox, "POST", "/kill", {"job": "sleeper"}).status == 200
+        assert wait_for_run(sandbox, run_id)["status"] == "failed"
+
+
+async def open_websocket(
+    req: tornado.httpclient.HTTPRequest,
+) -> tornado.websocket.WebSocketClientConnection:
+    return await tornado.websocket.websocket_connect(req)
+
+
+class TestAccess:
+    def test_wrong_token_is_401(self, sandbox: Sandbox) -> None:
+        headers = {"Authorization": "Bearer wrong"}
+        assert request(sandbox, "GET", "/jobs", headers=headers).status == 401
+
+    def test_login_cookie_grants_access(self, sandbox: Sandbox) -> None:
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        base = f"http://127.0.0.1:{sandbox.api_port}"
+        login = urllib.request.Request(
+            f"{base}/login", data=json.dumps({"token": TOKEN}).encode(), method="POST"
+        )
+        with opener.open(login, timeout=WAIT_SECONDS) as answer:
+            assert answer.status == 200
+        with opener.open(f"{base}/jobs", timeout=WAIT_SECONDS) as answer:
+            assert answer.status == 200
+
+    def test_wrong_login_is_401(self, sandbox: Sandbox) -> None:
+        assert request(sandbox, "POST", "/login", {"token": "wrong"}, headers={}).status == 401
+
+    def test_foreign_origin_post_is_403(self, sandbox: Sandbox) -> None:
+        headers = {**AUTH, "Origin": "https://evil.example"}
+        assert request(sandbox, "POST", "/run", {"job": "quick"}, headers=headers).status == 403
+
+    def test_foreign_origin_websocket_is_refused(self, sandbox: Sandbox) -> None:
+        req = tornado.httpclient.HTTPRequest(
+            f"ws://127.0.0.1:{sandbox.api_port}/ws",
+            headers={**AUTH, "Origin": "https://evil.example"},
+        )
+        with pytest.raises(tornado.httpclient.HTTPClientError) as caught:
+            asyncio.run(open_websocket(req))
+        assert caught.value.code == 403
+
+    def test_websocket_without_token_is_refused(self, sandbox: Sandbox) -> None:
+        req = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{sandbox.api_port}/ws")
+        with pytest.raises(tornado.httpclient.HTTPClientError) as caught:
+            asyncio.run(open_websocket(req))
+        assert caught.value.code == 401
