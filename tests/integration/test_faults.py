@@ -336,7 +336,7 @@ class TestLostMinions:
             os.kill(pid, signal.SIGSTOP)
         try:
             run_id = run_now(sandbox, "quick_three")
-            run, results = wait_for_run(sandbox, run_id, finished)
+            _, results = wait_for_run(sandbox, run_id, finished)
             assert results["minion-3"]["retcode"] == 255
             assert results["minion-3"]["reason"] == "no_response"
         finally:
