@@ -7,45 +7,93 @@ the engine's WebSocket, runs it and reports back, as docs/protocol.md in the
 Saltpeter repository describes. :py:func:`running` and :py:func:`kill_local`
 work from the wrapper's local records, without the engine.
 
-The logic lives in ``saltpeter.minion``, so the ``saltpeter`` package must be
-installed in the minion's Python (with ``salt-pip`` on onedir installs).
+Every function runs the deployed wrapper file with the minion's own Python
+(``sp_wrapper.py launch``, ``running``, ``kill-local``, ``--version``), so a
+minion needs only that file, which ``salt MINION state.apply saltpeter``
+installs, and this module, which ``saltutil.sync_modules`` or ``pip install
+saltpeter`` provides. The ``saltpeter`` package itself is not needed here.
 
-:configuration: The minion option ``saltpeter_statedir`` sets the directory of
-    the wrapper's local records:
+:configuration: Two minion options set where the wrapper's files are:
 
     .. code-block:: yaml
 
+        # Directory of the wrapper's local run records. Default: /var/run/saltpeter
         saltpeter_statedir: /var/run/saltpeter
+        # Wrapper used by running, kill_local and wrapper_version when no
+        # wrapper_path is passed. Default: /usr/local/bin/sp_wrapper.py
+        saltpeter_wrapper_path: /usr/local/bin/sp_wrapper.py
 """
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 from salt.exceptions import CommandExecutionError
-
-try:
-    from saltpeter import minion
-
-    HAS_SALTPETER = True
-except ImportError:
-    HAS_SALTPETER = False
 
 log = logging.getLogger(__name__)
 
 __virtualname__ = "saltpeter"
 
+DEFAULT_WRAPPER_PATH = "/usr/local/bin/sp_wrapper.py"
+DEFAULT_STATEDIR = "/var/run/saltpeter"
+# Seconds the wrapper gets to report that it started; `sp_wrapper.py launch` kills it after that.
+READY_TIMEOUT = 10
+# Seconds a subcommand may take beyond its own waits before it is abandoned.
+SUBCOMMAND_MARGIN = 20
+
 
 def __virtual__():
-    if not HAS_SALTPETER:
-        return (
-            False,
-            "the saltpeter package is not importable in the minion's Python; "
-            "install it there (with salt-pip on onedir installs)",
-        )
     return __virtualname__
 
 
 def _statedir():
-    return __opts__.get("saltpeter_statedir") or minion.DEFAULT_STATEDIR
+    return __opts__.get("saltpeter_statedir") or DEFAULT_STATEDIR
+
+
+def _wrapper_path(wrapper_path):
+    return wrapper_path or __opts__.get("saltpeter_wrapper_path") or DEFAULT_WRAPPER_PATH
+
+
+def _missing_wrapper_message(wrapper_path):
+    return (
+        f"wrapper not found at {wrapper_path}; apply the saltpeter state "
+        "(salt MINION state.apply saltpeter) to install it"
+    )
+
+
+def _run_wrapper(wrapper_path, args, timeout, env=None):
+    """
+    Run ``python WRAPPER_PATH ARGS`` and return the JSON document it prints.
+
+    Raises CommandExecutionError when the wrapper is missing, cannot run, or
+    prints no JSON document, as a wrapper older than these subcommands does.
+    """
+    if not os.path.isfile(wrapper_path):
+        raise CommandExecutionError(_missing_wrapper_message(wrapper_path))
+    command = [sys.executable, wrapper_path, *args]
+    try:
+        proc = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CommandExecutionError(f"cannot run {sys.executable} {wrapper_path}: {exc}") from None
+    stdout = proc.stdout.decode("utf-8", "replace").strip()
+    try:
+        return json.loads(stdout.splitlines()[-1])
+    except (IndexError, ValueError):
+        stderr = proc.stderr.decode("utf-8", "replace").strip()[-500:]
+        raise CommandExecutionError(
+            f"{wrapper_path} {args[0]} exited with status {proc.returncode} and printed no "
+            f"JSON result; the wrapper may be older than this module, so apply the saltpeter "
+            f"state to update it. stderr: {stderr}"
+        ) from None
 
 
 def launch(
@@ -71,7 +119,8 @@ def launch(
         command line.
 
     wrapper_path
-        Path of the wrapper on the minion. Default: ``/usr/local/bin/sp_wrapper.py``.
+        Path of the wrapper on the minion. Default: the minion option
+        ``saltpeter_wrapper_path``, or ``/usr/local/bin/sp_wrapper.py``.
 
     loglevel
         ``normal``, ``debug`` or ``off``. Default: ``normal``.
@@ -85,31 +134,44 @@ def launch(
 
         salt '*' saltpeter.launch 3f2a9c backup ws://master:8889/wrapper TOKEN loglevel=debug
     """
-    result = minion.launch(
-        run_id=str(run_id),
-        job=str(job),
-        url=str(url),
-        token=str(token),
-        machine_id=__opts__["id"],
-        wrapper_path=wrapper_path or minion.DEFAULT_WRAPPER_PATH,
-        loglevel=loglevel,
-        logdir=logdir,
-        statedir=_statedir(),
-    )
+    path = _wrapper_path(wrapper_path)
+    args = [
+        "launch",
+        f"--run={run_id}",
+        f"--job={job}",
+        f"--machine={__opts__['id']}",
+        f"--url={url}",
+        f"--loglevel={loglevel}",
+        f"--logdir={logdir}",
+        f"--statedir={_statedir()}",
+        f"--ready-timeout={READY_TIMEOUT}",
+    ]
+    env = {key: value for key, value in os.environ.items() if key != "SP_RUN_TOKEN"}
+    env["SP_RUN_TOKEN"] = str(token)
+    try:
+        result = _run_wrapper(path, args, READY_TIMEOUT + SUBCOMMAND_MARGIN, env=env)
+    except CommandExecutionError as exc:
+        result = {"started": False, "error": str(exc)}
+    if not isinstance(result, dict):
+        result = {"started": False, "error": f"{path} launch printed {result!r}"}
     if not result.get("started"):
         log.error("saltpeter: run %s of job %s did not start: %s", run_id, job, result.get("error"))
         __context__["retcode"] = 1
     return result
 
 
-def running():
+def running(wrapper_path=None):
     """
     List the runs whose wrapper still runs on this minion.
 
     Returns the local records: ``run``, ``job``, ``machine``, ``wrapper_pid``,
-    ``pid``, ``pgid`` and ``started``. Takes no parameters. The records are
-    read from the directory that the minion option ``saltpeter_statedir``
-    sets (default: ``/var/run/saltpeter``).
+    ``pid``, ``pgid`` and ``started``. The records are read from the directory
+    that the minion option ``saltpeter_statedir`` sets (default:
+    ``/var/run/saltpeter``).
+
+    wrapper_path
+        Path of the wrapper on the minion. Default: the minion option
+        ``saltpeter_wrapper_path``, or ``/usr/local/bin/sp_wrapper.py``.
 
     CLI Example:
 
@@ -117,18 +179,24 @@ def running():
 
         salt '*' saltpeter.running
     """
-    return minion.running(_statedir())
+    args = ["running", f"--statedir={_statedir()}"]
+    return _run_wrapper(_wrapper_path(wrapper_path), args, SUBCOMMAND_MARGIN)
 
 
-def kill_local(run):
+def kill_local(run, wrapper_path=None):
     """
     Stop a run on this minion without going through the engine.
 
     The wrapper stops the command as it does for the engine's kill and reports
     the run as killed. Processes of the run still alive 5 s later get SIGKILL.
+    Sets the job's retcode to 1 when nothing was killed.
 
     run
         The run id.
+
+    wrapper_path
+        Path of the wrapper on the minion. Default: the minion option
+        ``saltpeter_wrapper_path``, or ``/usr/local/bin/sp_wrapper.py``.
 
     CLI Example:
 
@@ -136,8 +204,10 @@ def kill_local(run):
 
         salt 'web1' saltpeter.kill_local 3f2a9c
     """
-    result = minion.kill_local(str(run), _statedir())
-    if not result.get("killed"):
+    args = ["kill-local", str(run), f"--statedir={_statedir()}"]
+    # 5 s grace, then up to 5 s for the SIGKILLed processes to go.
+    result = _run_wrapper(_wrapper_path(wrapper_path), args, 10 + SUBCOMMAND_MARGIN)
+    if not isinstance(result, dict) or not result.get("killed"):
         __context__["retcode"] = 1
     return result
 
@@ -147,7 +217,8 @@ def wrapper_version(wrapper_path=None):
     Return the version of the wrapper installed on this minion.
 
     wrapper_path
-        Path of the wrapper on the minion. Default: ``/usr/local/bin/sp_wrapper.py``.
+        Path of the wrapper on the minion. Default: the minion option
+        ``saltpeter_wrapper_path``, or ``/usr/local/bin/sp_wrapper.py``.
 
     CLI Example:
 
@@ -155,7 +226,24 @@ def wrapper_version(wrapper_path=None):
 
         salt '*' saltpeter.wrapper_version
     """
+    path = _wrapper_path(wrapper_path)
+    if not os.path.isfile(path):
+        raise CommandExecutionError(_missing_wrapper_message(path))
     try:
-        return minion.wrapper_version(wrapper_path or minion.DEFAULT_WRAPPER_PATH)
-    except minion.WrapperError as exc:
-        raise CommandExecutionError(str(exc)) from exc
+        proc = subprocess.run(
+            [sys.executable, path, "--version"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=SUBCOMMAND_MARGIN,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CommandExecutionError(
+            f"cannot run {sys.executable} {path} --version: {exc}"
+        ) from None
+    if proc.returncode != 0:
+        stderr = proc.stderr.decode("utf-8", "replace").strip()
+        raise CommandExecutionError(
+            f"{sys.executable} {path} --version failed with status {proc.returncode}: {stderr}"
+        )
+    return proc.stdout.decode("utf-8", "replace").strip()

@@ -842,7 +842,7 @@ def _job_loglevel(raw: Mapping[str, Any]) -> str | None:
         raise _FieldError("wrapper_loglevel", value, exc.message) from None
 
 
-def _key_warnings(name: str, raw: Mapping[Any, Any], source: Path) -> list[str]:
+def key_warnings(name: str, raw: Mapping[Any, Any], source: Path) -> list[str]:
     warnings = []
     for key in raw:
         if key in _JOB_KEYS:
@@ -943,7 +943,7 @@ def _check_job(
         else:
             schedule = result
 
-    warnings = _key_warnings(name, raw, source)
+    warnings = key_warnings(name, raw, source)
     if errors or schedule is None:
         return _JobCheck(None, errors, warnings)
     job = Job(

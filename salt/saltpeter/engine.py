@@ -494,7 +494,16 @@ class Engine:
 
         async def publish() -> None:
             try:
-                await self.bridge.publish(minions, "saltpeter.kill_local", [run.run_id])
+                job = run.job or self.jobs.get(run.job_name)
+                wrapper_path = (job.wrapper_path if job else None) or (
+                    self.settings.default_wrapper_path
+                )
+                await self.bridge.publish(
+                    minions,
+                    "saltpeter.kill_local",
+                    [run.run_id],
+                    kwarg={"wrapper_path": wrapper_path},
+                )
                 log.info(
                     "job %s run %s: kill sent through Salt to %s",
                     run.job_name,

@@ -770,8 +770,8 @@ class Sandbox:
 
         SETTINGS override the engine's settings. MASTER_EXTRA and MINION_EXTRA replace
         or add top-level options of the master's and every minion's config. MASTER_ENV
-        adds environment variables for the master and the salt commands. BIN_DIR holds
-        the Salt scripts to run, by default those next to this Python.
+        adds environment variables for the master and the salt commands. BIN_DIR is the
+        directory of the Salt scripts to run, by default that of this Python.
 
         Returns once every minion responds to ``test.ping`` through the master. Raises
         SandboxError if the root already runs a sandbox. A daemon that exits, or

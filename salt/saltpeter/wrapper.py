@@ -1,12 +1,25 @@
 #!/usr/bin/env python3
 """Run one Saltpeter job on a minion and report it to the engine over a WebSocket.
 
-The ``saltpeter.launch`` execution module starts this file detached, with the
-minion's own Python (3.10 or newer), as ``/usr/local/bin/sp_wrapper.py``. It
-needs only the standard library and Tornado, and imports nothing from Salt or
-Saltpeter. docs/protocol.md in the Saltpeter repository is the contract with
-the engine: launch arguments, frames, sequencing, acknowledgements, heartbeats,
-reconnecting, timeouts and local records.
+The ``state.apply saltpeter`` formula installs this file on each minion, by
+default as ``/usr/local/bin/sp_wrapper.py``. It runs with the minion's own
+Python (3.10 or newer), needs only the standard library and Tornado, and
+imports nothing from Salt or Saltpeter. docs/protocol.md in the Saltpeter
+repository is the contract with the engine: launch arguments, frames,
+sequencing, acknowledgements, heartbeats, reconnecting, timeouts and local
+records.
+
+The ``saltpeter`` execution module runs the launcher subcommands, which
+import no Tornado::
+
+    sp_wrapper.py launch --run RUN --job JOB --machine MINION --url URL [...]
+    sp_wrapper.py running [--statedir DIR]
+    sp_wrapper.py kill-local RUN [--statedir DIR] [--grace SECONDS]
+    sp_wrapper.py --version
+
+``launch`` starts the wrapper proper detached (``sp_wrapper.py --run RUN
+...``), waits for its ready line and prints the result as JSON, as the other
+two subcommands do.
 
 The wrapper exits with status 0 once the engine has acknowledged the run's
 ``complete`` frame. It exits with 1 when the result could not be delivered,
@@ -21,6 +34,7 @@ import asyncio
 import codecs
 import collections
 import concurrent.futures
+import contextlib
 import ctypes
 import enum
 import itertools
@@ -29,6 +43,7 @@ import logging
 import os
 import pwd
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -36,16 +51,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, NoReturn
-
-try:
-    import tornado.httpclient
-    import tornado.iostream
-    import tornado.websocket
-except ImportError as exc:  # reported on the ready pipe by main()
-    _TORNADO_IMPORT_ERROR: ImportError | None = exc
-else:
-    _TORNADO_IMPORT_ERROR = None
 
 __version__ = "0.1.0"
 
@@ -87,6 +94,7 @@ GROUP_POLL_INTERVAL = 0.05
 FATAL_ERROR_CODES = frozenset({"auth_failed", "unknown_run", "protocol_version", "job_unavailable"})
 
 EXIT_DELIVERED = 0
+EXIT_OK = 0
 EXIT_UNDELIVERED = 1
 EXIT_START_FAILED = 255
 
@@ -99,6 +107,22 @@ RETCODE_START_FAILED = 255
 # PID 1 does not reap, as in many containers. A zombie still counts as a
 # member of its process group, so the wait for an empty group would not end.
 PR_SET_CHILD_SUBREAPER = 36
+
+
+def _import_tornado() -> None:
+    """Import Tornado's WebSocket client into this module, or raise StartupError.
+
+    Run as a script, the wrapper imports Tornado only when it runs a job, so
+    the launcher subcommands start without it. Imported as a module, it tries
+    at once, below.
+    """
+    global tornado
+    try:
+        import tornado.httpclient
+        import tornado.iostream
+        import tornado.websocket
+    except ImportError as exc:
+        raise StartupError(f"cannot import tornado: {exc}") from None
 
 
 # -- time arithmetic --------------------------------------------------------
@@ -1428,8 +1452,7 @@ class Setup:
 
 def prepare(args: argparse.Namespace) -> Setup:
     """Check the arguments, take the token, and create the local record, or raise StartupError."""
-    if _TORNADO_IMPORT_ERROR is not None:
-        raise StartupError(f"cannot import tornado: {_TORNADO_IMPORT_ERROR}")
+    _import_tornado()
     try:
         ids = RunIds(
             run=validate_name("run id", args.run),
@@ -1485,8 +1508,391 @@ def _on_stop_signal(command: Command, signum: signal.Signals) -> None:
     command.stop("killed")
 
 
+# -- launcher subcommands -------------------------------------------------------
+# The execution module runs these in a short-lived process with the minion's
+# Python. They read and signal local processes only, and import no Tornado.
+
+LAUNCHER_COMMANDS = ("launch", "running", "kill-local")
+DEFAULT_READY_TIMEOUT = 10.0
+DEFAULT_LOCAL_KILL_GRACE = 5.0
+EXIT_LAUNCHER_FAILED = 1
+EXIT_LAUNCHER_USAGE = 2
+
+# Maximum bytes read for the ready line, which is "ok" or "error: " and one sentence.
+_READY_LINE_MAX_BYTES = 4096
+_KILL_POLL_INTERVAL = 0.05
+# After SIGKILL the kernel ends the processes at once, unless one sits in an
+# uninterruptible sleep (D state). kill_local stops waiting after this long.
+_SIGKILL_WAIT = 5.0
+
+# Wrappers that launch() started and that have not exited yet. launch() polls
+# them on each call, so a long-lived caller (a test run) collects the exit
+# statuses instead of keeping zombies.
+_launched: list[subprocess.Popen[bytes]] = []
+
+
+def missing_wrapper_message(wrapper_path: str) -> str:
+    return (
+        f"wrapper not found at {wrapper_path}; apply the saltpeter state "
+        "(salt MINION state.apply saltpeter) to install it"
+    )
+
+
+def _reap_launched() -> None:
+    _launched[:] = [proc for proc in _launched if proc.poll() is None]
+
+
+def launch(
+    run_id: str,
+    job: str,
+    url: str,
+    token: str,
+    machine_id: str,
+    wrapper_path: str,
+    loglevel: str,
+    logdir: str,
+    statedir: str,
+    python: str = sys.executable,
+    ready_timeout: float = DEFAULT_READY_TIMEOUT,
+) -> dict[str, object]:
+    """Start the wrapper detached and wait for its ready line.
+
+    Returns ``{"started": True, "pid": N}``, or ``{"started": False, "error":
+    REASON}`` when an argument is invalid, the wrapper file is missing, the
+    wrapper reports an error, exits, or sends no ready line within
+    ``ready_timeout`` seconds (it is then killed). The token travels in the
+    wrapper's environment as SP_RUN_TOKEN, never in its argv.
+    """
+    _reap_launched()
+    try:
+        validate_name("run id", run_id)
+        validate_name("job name", job)
+        validate_name("machine id", machine_id)
+    except ValueError as exc:
+        return {"started": False, "error": f"invalid argument: {exc}"}
+    if loglevel not in LOGLEVELS:
+        return {
+            "started": False,
+            "error": f"invalid loglevel {loglevel!r}: expected one of {', '.join(LOGLEVELS)}",
+        }
+    if not os.path.isfile(wrapper_path):
+        return {"started": False, "error": missing_wrapper_message(wrapper_path)}
+
+    ready_read, ready_write = os.pipe()
+    argv = [
+        python,
+        wrapper_path,
+        f"--run={run_id}",
+        f"--job={job}",
+        f"--machine={machine_id}",
+        f"--url={url}",
+        f"--loglevel={loglevel}",
+        f"--logdir={logdir}",
+        f"--statedir={statedir}",
+        f"--ready-fd={ready_write}",
+    ]
+    env = {key: value for key, value in os.environ.items() if key != "SP_RUN_TOKEN"}
+    env["SP_RUN_TOKEN"] = token
+    try:
+        # A new session, /dev/null for stdio and no inherited descriptor except
+        # the ready pipe let the wrapper outlive the Salt job that started it.
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=(ready_write,),
+        )
+    except OSError as exc:
+        os.close(ready_read)
+        return {"started": False, "error": f"cannot execute {python} {wrapper_path}: {exc}"}
+    finally:
+        os.close(ready_write)
+    try:
+        line = _read_ready_line(ready_read, ready_timeout)
+    finally:
+        os.close(ready_read)
+    return _ready_result(proc, line, ready_timeout)
+
+
+def _read_ready_line(fd: int, timeout: float) -> bytes | None:
+    """Read up to a newline or end of file; return None if ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data and len(data) < _READY_LINE_MAX_BYTES:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if not readable:
+            return None
+        chunk = os.read(fd, _READY_LINE_MAX_BYTES)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _ready_result(
+    proc: subprocess.Popen[bytes], line: bytes | None, ready_timeout: float
+) -> dict[str, object]:
+    if line is None:
+        proc.kill()
+        proc.wait()
+        return {
+            "started": False,
+            "error": f"the wrapper sent no ready line within {ready_timeout:g} s and was killed",
+        }
+    text = line.decode("utf-8", "replace").strip()
+    if text == "ok":
+        _launched.append(proc)
+        return {"started": True, "pid": proc.pid}
+    if text.startswith("error:"):
+        _wait_or_kill(proc, ready_timeout)
+        return {"started": False, "error": text[len("error:") :].strip()}
+    status = _wait_or_kill(proc, ready_timeout)
+    detail = f"an unexpected ready line {text[:200]!r}" if text else "no ready line"
+    return {
+        "started": False,
+        "error": f"the wrapper exited with status {status} after {detail}",
+    }
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    """Wait for a wrapper that reported failure to exit, killing it after ``timeout`` seconds."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def _read_record(path: Path) -> dict[str, object] | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _wrapper_alive(record: dict[str, object]) -> bool:
+    """Return True if the record's wrapper process still runs for the record's run."""
+    pid = record.get("wrapper_pid")
+    run = record.get("run")
+    if not isinstance(pid, int) or not isinstance(run, str):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    # A zombie has an empty cmdline, and a reused pid has another one.
+    return is_wrapper_cmdline(cmdline, run)
+
+
+def running(statedir: str) -> list[dict[str, object]]:
+    """Return the local records of runs whose wrapper still runs, ordered by run id."""
+    records = []
+    for path in sorted(Path(statedir).glob("*.json")):
+        record = _read_record(path)
+        if record is not None and _wrapper_alive(record):
+            records.append(record)
+    return records
+
+
+def _group_members(pgid: int, run_id: str) -> list[int]:
+    """Return the pids in process group ``pgid`` that belong to run ``run_id``.
+
+    A process belongs to the run when its environment has SP_JOB_INSTANCE set
+    to the run id. The check keeps a stale record from killing an unrelated
+    group that reuses the id. A zombie has no readable environment and is left
+    out, because signals cannot reach it anyway.
+
+    NOTE: a process that the job started with a cleared environment (``env -i``)
+    is not found here. The wrapper's own SIGKILL to the group still reaches it.
+    """
+    marker = f"SP_JOB_INSTANCE={run_id}".encode()
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            # The fields after the command name, which is in brackets and may
+            # contain spaces: state, ppid, pgrp, ...
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) != pgid:
+                continue
+            environ = (entry / "environ").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if marker in environ.split(b"\0"):
+            members.append(int(entry.name))
+    return members
+
+
+def _wait_group_gone(pgid: int, run_id: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _group_members(pgid, run_id):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_KILL_POLL_INTERVAL)
+    return True
+
+
+def kill_local(
+    run_id: str, statedir: str, grace: float = DEFAULT_LOCAL_KILL_GRACE
+) -> dict[str, object]:
+    """Stop a run on this minion without the engine.
+
+    Sends SIGTERM to the run's wrapper, which stops the command as if the
+    engine had sent a `kill` (SIGTERM to the process group, SIGKILL after the
+    job's kill grace) and reports reason killed to the engine. Processes of the
+    run that are left ``grace`` seconds later get SIGKILL from here. When the
+    wrapper no longer runs, the processes it left get SIGKILL at once and its
+    record is removed.
+
+    Returns ``{"killed": bool, "run", "wrapper_pid", "pgid", "forced"}``.
+    ``forced`` is True when kill_local itself sent SIGKILL. ``error`` is added
+    when nothing was killed or processes survived.
+    """
+    try:
+        validate_name("run id", run_id)
+    except ValueError as exc:
+        return {"killed": False, "run": run_id, "error": f"invalid argument: {exc}"}
+    path = Path(statedir) / f"{run_id}.json"
+    record = _read_record(path)
+    if record is None:
+        return {
+            "killed": False,
+            "run": run_id,
+            "error": f"no local record of run {run_id} in {statedir}",
+        }
+    pgid = record.get("pgid")
+    result: dict[str, object] = {
+        "killed": False,
+        "run": run_id,
+        "wrapper_pid": record.get("wrapper_pid"),
+        "pgid": pgid,
+        "forced": False,
+    }
+
+    if _wrapper_alive(record):
+        os.kill(int(str(record["wrapper_pid"])), signal.SIGTERM)
+        result["killed"] = True
+        if not isinstance(pgid, int) or _wait_group_gone(pgid, run_id, grace):
+            # Without a pgid the command has not started, and the wrapper
+            # reports the run as killed without starting it.
+            return result
+    else:
+        path.unlink(missing_ok=True)
+        if not isinstance(pgid, int) or not _group_members(pgid, run_id):
+            result["error"] = f"run {run_id} is not running; removed its stale record"
+            return result
+
+    result["forced"] = True
+    for pid in _group_members(pgid, run_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    result["killed"] = True
+    if not _wait_group_gone(pgid, run_id, _SIGKILL_WAIT):
+        result["error"] = (
+            f"processes of run {run_id} are still alive {_SIGKILL_WAIT:g} s after SIGKILL"
+        )
+    return result
+
+
+def build_launcher_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="sp_wrapper.py",
+        description="Start, list and stop Saltpeter runs on this minion. Each subcommand "
+        "prints its result as one JSON document.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    launch_parser = commands.add_parser(
+        "launch",
+        help="start the wrapper for one run, detached, and wait until it is ready",
+        description="Start the wrapper for one run, detached, and wait until it is ready. "
+        "The run token is read from the SP_RUN_TOKEN environment variable. Exits with "
+        "status 0 when the wrapper started, 1 otherwise.",
+    )
+    launch_parser.add_argument("--run", required=True, help="run id")
+    launch_parser.add_argument("--job", required=True, help="job name")
+    launch_parser.add_argument("--machine", required=True, help="this minion's id")
+    launch_parser.add_argument("--url", required=True, help="engine WebSocket URL")
+    launch_parser.add_argument(
+        "--loglevel", choices=LOGLEVELS, default="normal", help="local log detail"
+    )
+    launch_parser.add_argument("--logdir", default=DEFAULT_LOGDIR, help="directory of <job>.log")
+    launch_parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=DEFAULT_READY_TIMEOUT,
+        help="seconds to wait for the wrapper's ready line (default: %(default)g)",
+    )
+    running_parser = commands.add_parser(
+        "running", help="list the runs whose wrapper still runs on this minion"
+    )
+    kill_parser = commands.add_parser(
+        "kill-local",
+        help="stop a run on this minion without the engine",
+        description="Stop a run on this minion without the engine. Exits with status 0 "
+        "when something was killed, 1 otherwise.",
+    )
+    kill_parser.add_argument("run", help="run id")
+    kill_parser.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_LOCAL_KILL_GRACE,
+        help="seconds before the run's processes that are left get SIGKILL (default: %(default)g)",
+    )
+    for sub in (launch_parser, running_parser, kill_parser):
+        sub.add_argument("--statedir", default=DEFAULT_STATEDIR, help="directory of <run>.json")
+    return parser
+
+
+def launcher_main(arguments: list[str]) -> int:
+    """Run one launcher subcommand, print its JSON result and return the exit status."""
+    try:
+        args = build_launcher_parser().parse_args(arguments)
+    except UsageError as exc:
+        print(json.dumps({"error": f"invalid arguments: {exc}"}))
+        print(f"sp_wrapper.py: invalid arguments: {exc}", file=sys.stderr)
+        return EXIT_LAUNCHER_USAGE
+    result: object
+    if args.command == "launch":
+        # The token must not stay readable in /proc/PID/environ of this process.
+        scrub_initial_environ("SP_RUN_TOKEN")
+        token = os.environ.pop("SP_RUN_TOKEN", "")
+        result = launch(
+            run_id=args.run,
+            job=args.job,
+            url=args.url,
+            token=token,
+            machine_id=args.machine,
+            wrapper_path=os.path.abspath(__file__),
+            loglevel=args.loglevel,
+            logdir=args.logdir,
+            statedir=args.statedir,
+            ready_timeout=args.ready_timeout,
+        )
+        status = EXIT_OK if result.get("started") else EXIT_LAUNCHER_FAILED
+    elif args.command == "running":
+        result = running(args.statedir)
+        status = EXIT_OK
+    else:
+        result = kill_local(args.run, args.statedir, grace=args.grace)
+        status = EXIT_OK if result.get("killed") else EXIT_LAUNCHER_FAILED
+    print(json.dumps(result))
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
+    if arguments and arguments[0] in LAUNCHER_COMMANDS:
+        return launcher_main(arguments)
     try:
         args = build_parser().parse_args(arguments)
     except UsageError as exc:
@@ -1529,3 +1935,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+else:
+    # Importers (saltpeter.minion, the tests) use the classes that need Tornado
+    # directly. Without it, prepare() raises the same error later.
+    with contextlib.suppress(StartupError):
+        _import_tornado()

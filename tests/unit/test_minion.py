@@ -1,4 +1,4 @@
-"""Tests of saltpeter.minion and the saltpeter execution module.
+"""Tests of saltpeter.minion, the wrapper's launcher subcommands and the execution module.
 
 Runs that need a connected wrapper use the scripted WebSocket peer from
 wrapper_peer.py, a stand-in for the engine that the test starts on 127.0.0.1
@@ -14,6 +14,8 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -55,6 +57,23 @@ def run(peer: ScriptedPeer, tmp_path: Path) -> Iterator[WrapperProcess]:
     process = WrapperProcess(peer, tmp_path)
     yield process
     process.cleanup()
+
+
+def process_parent(pid: int) -> int:
+    stat = read_proc(str(pid), "stat").decode()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def wait_gone(pid: int, timeout: float = 30.0) -> None:
+    """Wait until process ``pid`` has exited (a zombie counts as exited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stat = read_proc(str(pid), "stat").decode()
+        if not stat or stat[stat.rindex(")") + 2] == "Z":
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"process {pid} still runs after {timeout:g} s")
+        time.sleep(0.05)
 
 
 def fake_wrapper(tmp_path: Path, body: str) -> str:
@@ -275,6 +294,86 @@ class TestKillLocal:
         assert "contains '/' or '..'" in str(result["error"])
 
 
+def run_launcher(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, WRAPPER_PATH, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+class TestLauncherCommands:
+    def test_launch_prints_started(self, peer: ScriptedPeer, tmp_path: Path) -> None:
+        peer.job = job("sleep 0.5")
+        env = {**os.environ, "SP_RUN_TOKEN": peer.token}
+        proc = run_launcher(
+            "launch",
+            f"--run={new_run_id()}",
+            "--job=testjob",
+            f"--machine={MACHINE_ID}",
+            f"--url={peer.url}",
+            f"--logdir={tmp_path / 'log'}",
+            f"--statedir={tmp_path / 'state'}",
+            env=env,
+        )
+        assert proc.returncode == 0
+        result = json.loads(proc.stdout)
+        assert result["started"] is True
+        try:
+            assert peer.wait_complete()["retcode"] == 0
+        finally:
+            wait_gone(int(result["pid"]))
+
+    def test_launch_without_token_fails(self, tmp_path: Path) -> None:
+        env = {key: value for key, value in os.environ.items() if key != "SP_RUN_TOKEN"}
+        proc = run_launcher(
+            "launch",
+            "--run=r1",
+            "--job=testjob",
+            f"--machine={MACHINE_ID}",
+            "--url=ws://127.0.0.1:9/wrapper",
+            f"--statedir={tmp_path / 'state'}",
+            env=env,
+        )
+        assert proc.returncode == 1
+        assert "SP_RUN_TOKEN" in json.loads(proc.stdout)["error"]
+
+    def test_running_prints_list(self, tmp_path: Path) -> None:
+        proc = run_launcher("running", f"--statedir={tmp_path}")
+        assert proc.returncode == 0
+        assert json.loads(proc.stdout) == []
+
+    def test_kill_local_unknown_run_exits_1(self, tmp_path: Path) -> None:
+        proc = run_launcher("kill-local", "r9", f"--statedir={tmp_path}")
+        assert proc.returncode == 1
+        assert json.loads(proc.stdout)["error"] == f"no local record of run r9 in {tmp_path}"
+
+    def test_invalid_arguments_exit_2_with_json(self) -> None:
+        proc = run_launcher("kill-local")
+        assert proc.returncode == 2
+        assert json.loads(proc.stdout)["error"].startswith("invalid arguments:")
+
+    @pytest.mark.parametrize(
+        "arguments",
+        [["running", "--statedir=/nonexistent"], ["kill-local", "r9"], ["--version"]],
+    )
+    def test_does_not_import_tornado(self, arguments: list[str]) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", WRAPPER_PATH, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        # -X importtime writes one "import time: ... | module" line per import to stderr.
+        imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()]
+        assert "json" in imported
+        assert not [name for name in imported if name.startswith("tornado")]
+
+
 class TestWrapperVersion:
     def test_returns_version(self) -> None:
         assert minion.wrapper_version(WRAPPER_PATH) == wrapper.__version__
@@ -297,7 +396,11 @@ def module(tmp_path: Path) -> ModuleType:
     assert spec.loader is not None
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
-    loaded.__opts__ = {"id": MACHINE_ID, "saltpeter_statedir": str(tmp_path / "state")}  # type: ignore[attr-defined]
+    loaded.__opts__ = {  # type: ignore[attr-defined]
+        "id": MACHINE_ID,
+        "saltpeter_statedir": str(tmp_path / "state"),
+        "saltpeter_wrapper_path": WRAPPER_PATH,
+    }
     loaded.__context__ = {}  # type: ignore[attr-defined]
     return loaded
 
@@ -338,7 +441,74 @@ class TestExecutionModule:
             assert [record["run"] for record in module.running()] == [run_id]
             peer.wait_complete()
         finally:
-            os.waitpid(pid, 0)
+            # The launcher subcommand exited, so the wrapper is no child of this process.
+            wait_gone(pid)
+        assert "retcode" not in module.__context__
+
+    def test_launched_wrapper_outlives_launcher(
+        self, module: ModuleType, peer: ScriptedPeer, tmp_path: Path
+    ) -> None:
+        peer.job = job("sleep 0.5")
+        result = module.launch(
+            new_run_id(), "testjob", peer.url, peer.token, logdir=str(tmp_path / "log")
+        )
+        pid = int(result["pid"])
+        try:
+            assert process_parent(pid) != os.getpid()
+            peer.wait_complete()
+        finally:
+            wait_gone(pid)
+
+    def test_launch_token_not_in_any_argv(
+        self, module: ModuleType, peer: ScriptedPeer, tmp_path: Path
+    ) -> None:
+        peer.job = job("sleep 0.5")
+        result = module.launch(
+            new_run_id(), "testjob", peer.url, peer.token, logdir=str(tmp_path / "log")
+        )
+        pid = int(result["pid"])
+        try:
+            assert peer.token.encode() not in read_proc(str(pid), "cmdline")
+            assert peer.token.encode() not in read_proc(str(pid), "environ")
+            peer.wait_complete()
+        finally:
+            wait_gone(pid)
+
+    def test_launch_reports_wrapper_error(self, module: ModuleType) -> None:
+        result = module.launch("r1", "testjob", "http://127.0.0.1:9/", "tok")
+        assert result == {
+            "started": False,
+            "error": "invalid --url 'http://127.0.0.1:9/': expected a ws:// or wss:// URL",
+        }
+        assert module.__context__["retcode"] == 1
+
+    def test_launch_with_old_wrapper_says_update(self, module: ModuleType, tmp_path: Path) -> None:
+        script = fake_wrapper(tmp_path, "import sys\nsys.exit(2)\n")
+        result = module.launch("r1", "testjob", "ws://127.0.0.1:9/", "tok", wrapper_path=script)
+        assert result["started"] is False
+        assert "apply the saltpeter state to update it" in result["error"]
+
+    def test_running_lists_nothing_without_runs(self, module: ModuleType) -> None:
+        assert module.running() == []
+
+    def test_running_missing_wrapper_raises(self, module: ModuleType, tmp_path: Path) -> None:
+        with pytest.raises(CommandExecutionError, match=r"state\.apply saltpeter"):
+            module.running(wrapper_path=str(tmp_path / "sp_wrapper.py"))
+
+    def test_kill_local_stops_run(
+        self, module: ModuleType, peer: ScriptedPeer, tmp_path: Path
+    ) -> None:
+        peer.job = job("sleep 30")
+        run_id = new_run_id()
+        result = module.launch(run_id, "testjob", peer.url, peer.token, logdir=str(tmp_path / "l"))
+        pid = int(result["pid"])
+        try:
+            peer.wait_start()
+            killed = module.kill_local(run_id)
+            assert killed["killed"] is True
+            assert peer.wait_complete()["reason"] == "killed"
+        finally:
+            wait_gone(pid)
         assert "retcode" not in module.__context__
 
     def test_kill_local_unknown_run_sets_retcode(self, module: ModuleType) -> None:
