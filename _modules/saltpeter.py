@@ -97,7 +97,14 @@ def _run_wrapper(wrapper_path, args, timeout, env=None):
 
 
 def launch(
-    run_id, job, url, token, wrapper_path=None, loglevel="normal", logdir="/var/log/sp_wrapper"
+    run_id,
+    job,
+    url,
+    token,
+    wrapper_path=None,
+    loglevel="normal",
+    logdir="/var/log/sp_wrapper",
+    cafile=None,
 ):
     """
     Start the wrapper for one run, detached from this Salt job.
@@ -128,6 +135,10 @@ def launch(
     logdir
         Directory of the wrapper's log files, one per job. Default: ``/var/log/sp_wrapper``.
 
+    cafile
+        CA bundle the wrapper verifies a ``wss://`` engine with. Default: the
+        minion's default trust store.
+
     CLI Example:
 
     .. code-block:: bash
@@ -146,6 +157,8 @@ def launch(
         f"--statedir={_statedir()}",
         f"--ready-timeout={READY_TIMEOUT}",
     ]
+    if cafile:
+        args.append(f"--cafile={cafile}")
     env = {key: value for key, value in os.environ.items() if key != "SP_RUN_TOKEN"}
     env["SP_RUN_TOKEN"] = str(token)
     try:

@@ -466,6 +466,9 @@ class Engine:
             "loglevel": job.wrapper_loglevel or self.settings.default_wrapper_loglevel,
             "logdir": job.wrapper_logdir or self.settings.default_wrapper_logdir,
         }
+        if self.settings.machines_ws_cafile:
+            # Only when set, so minions with an older execution module still launch.
+            kwarg["cafile"] = self.settings.machines_ws_cafile
         if scheduled_at is not None:
             # Lateness is measured when the launch is handed to Salt, so it
             # covers the scheduler and target resolution but not the publish.

@@ -45,6 +45,7 @@ import pwd
 import random
 import select
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -73,7 +74,10 @@ MAX_FRAME_BYTES = 1024 * 1024
 FLUSH_INTERVAL = 0.05
 FLUSH_CHARS = 64 * 1024
 READ_CHUNK_BYTES = 64 * 1024
-MAX_UNACKED_OUTPUT_BYTES = 64 * 1024 * 1024
+# Output numbered and kept in memory until acknowledged; more waits in the spool.
+WINDOW_OUTPUT_BYTES = 4 * 1024 * 1024
+# Output the spool file keeps while the engine is unreachable; older output is dropped.
+DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
 
 DEFAULT_HEARTBEAT_INTERVAL = 5.0
 MIN_HEARTBEAT_INTERVAL = 0.05
@@ -168,11 +172,6 @@ def give_up_wait(now: float, disconnected_since: float, idle_since: float | None
     if idle_since is None:
         return None
     return max(0.0, max(disconnected_since, idle_since) + GIVE_UP_AFTER - now)
-
-
-def output_paused(unacked_output_bytes: int) -> bool:
-    """Return True when so much output waits unacknowledged that reading must pause."""
-    return unacked_output_bytes >= MAX_UNACKED_OUTPUT_BYTES
 
 
 def utc_timestamp() -> str:
@@ -356,13 +355,136 @@ class Frame:
     output_bytes: int
 
 
-class Outbox:
-    """Sequenced frames that the engine has not acknowledged yet, in seq order."""
+class Spool:
+    """Entries waiting for a place in the send window, oldest first, in a file.
 
-    def __init__(self) -> None:
+    Each entry is one line of JSON: ``[kind, fields]``. Entries have no
+    sequence number yet, so the oldest output can be dropped when the spool is
+    full without leaving a gap in the numbers the engine sees. With ``path``
+    None the entries stay in memory, which the unit tests use. When the disk
+    refuses a write, later entries wait in memory behind the file's, and
+    ``failed`` stays true until both are empty, so the caller can stop reading
+    output meanwhile.
+    """
+
+    def __init__(self, path: str | None, max_bytes: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.failed = False
+        self._memory: collections.deque[bytes] = collections.deque()
+        self._memory_bytes = 0
+        self._read_offset = 0
+        self._write_offset = 0
+        self._file: Any = None
+        if path is not None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            self._file = os.fdopen(fd, "r+b", buffering=0)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the entries waiting, as stored."""
+        return self._write_offset - self._read_offset + self._memory_bytes
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def append(self, kind: str, fields: Mapping[str, Any]) -> None:
+        line = json.dumps([kind, dict(fields)], ensure_ascii=False).encode("utf-8") + b"\n"
+        if self._file is not None and not self.failed:
+            try:
+                self._file.seek(self._write_offset)
+                self._file.write(line)
+                self._write_offset += len(line)
+                return
+            except OSError as exc:
+                log.error("cannot spool output to %s: %s; pausing output", self.path, exc)
+                self.failed = True
+        self._memory.append(line)
+        self._memory_bytes += len(line)
+
+    def pop(self) -> tuple[str, dict[str, Any]] | None:
+        """Remove and return the oldest entry."""
+        line = self._pop_line()
+        if line is None:
+            return None
+        kind, fields = json.loads(line)
+        return str(kind), dict(fields)
+
+    def _pop_line(self) -> bytes | None:
+        if self._read_offset < self._write_offset:
+            self._file.seek(self._read_offset)
+            line = b""
+            # Entries are at most a few hundred KiB, so reading them whole is fine.
+            while not line.endswith(b"\n"):
+                chunk = self._file.readline()
+                if not chunk:
+                    break
+                line += chunk
+            self._read_offset += len(line)
+            if self._read_offset >= self._write_offset:
+                # The file is empty again: start over at its beginning.
+                self._file.truncate(0)
+                self._read_offset = self._write_offset = 0
+            return line
+        if self._memory:
+            line = self._memory.popleft()
+            self._memory_bytes -= len(line)
+            if not self._memory:
+                self.failed = False
+            return line
+        self.failed = False
+        return None
+
+    def drop_oldest_output(self) -> int:
+        """Drop the oldest output entry to make room; return the UTF-8 bytes it held.
+
+        A ``complete`` entry is never dropped. Returns 0 when no output entry
+        is left to drop.
+        """
+        line = self._pop_line()
+        if line is None:
+            return 0
+        kind, fields = json.loads(line)
+        if kind != "output":
+            # Only complete can follow output, and it is the last entry; put it back.
+            self.append(kind, fields)
+            return 0
+        return len(str(fields.get("data", "")).encode("utf-8"))
+
+    def close(self, remove: bool) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if remove and self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+
+class Outbox:
+    """Sequenced frames the engine has not acknowledged, and output waiting to be sent.
+
+    Output is numbered and kept in memory, to be sent and resent until
+    acknowledged, while less than WINDOW_OUTPUT_BYTES of it is unacknowledged,
+    so the window holds at most that plus one frame. Everything after that waits in the
+    spool, on disk, and gets its sequence number when an ack makes room. The
+    spool holds at most ``spool_max_bytes``; beyond that the oldest waiting
+    output is dropped and an ``output`` frame says how many bytes went, so the
+    command never blocks on a full pipe while the engine is away.
+    """
+
+    def __init__(
+        self,
+        spool_path: str | None = None,
+        spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES,
+        window_bytes: int = WINDOW_OUTPUT_BYTES,
+    ) -> None:
         self._frames: collections.deque[Frame] = collections.deque()
+        self._spool = Spool(spool_path, spool_max_bytes)
+        self._window_bytes = window_bytes
         self._next_seq = 1
         self._complete_seq: int | None = None
+        self._dropped_bytes = 0
+        self.dropped_total = 0
         self.acked = 0
         self.unacked_output_bytes = 0
         self.changed = asyncio.Event()
@@ -375,7 +497,27 @@ class Outbox:
     def complete_acked(self) -> bool:
         return self._complete_seq is not None and self.acked >= self._complete_seq
 
-    def push(self, kind: str, **fields: Any) -> Frame:
+    @property
+    def spooled_bytes(self) -> int:
+        return self._spool.size
+
+    @property
+    def accepting(self) -> bool:
+        """False while the disk refuses the spool: the command's output is not read then."""
+        return not self._spool.failed
+
+    def push(self, kind: str, **fields: Any) -> Frame | None:
+        """Queue a frame; return it when it was numbered at once, or None when it was spooled."""
+        if not self._spool and not self._dropped_bytes and self._has_room():
+            return self._number(kind, fields)
+        self._spool_entry(kind, fields)
+        self.changed.set()
+        return None
+
+    def _has_room(self) -> bool:
+        return self.unacked_output_bytes < self._window_bytes
+
+    def _number(self, kind: str, fields: Mapping[str, Any]) -> Frame:
         seq = self._next_seq
         self._next_seq += 1
         text = json.dumps(
@@ -390,8 +532,35 @@ class Outbox:
         self.changed.set()
         return frame
 
+    def _spool_entry(self, kind: str, fields: Mapping[str, Any]) -> None:
+        size = len(str(fields.get("data", "")).encode("utf-8"))
+        while kind == "output" and self._spool.size + size > self._spool.max_bytes:
+            dropped = self._spool.drop_oldest_output()
+            if not dropped:
+                break
+            self._dropped_bytes += dropped
+            self.dropped_total += dropped
+        self._spool.append(kind, fields)
+
+    def _refill(self) -> None:
+        """Number waiting entries while the window has room."""
+        while self._has_room():
+            if self._dropped_bytes:
+                note = (
+                    f"\n[saltpeter: {self._dropped_bytes} bytes of output dropped on the minion "
+                    "while the engine was unreachable]\n"
+                )
+                log.warning("%s", note.strip())
+                self._dropped_bytes = 0
+                self._number("output", {"data": note})
+                continue
+            entry = self._spool.pop()
+            if entry is None:
+                return
+            self._number(*entry)
+
     def ack(self, seq: int) -> None:
-        """Drop every frame up to and including ``seq``."""
+        """Drop every frame up to and including ``seq``, and number what waits."""
         if seq > self.last_seq:
             log.warning(
                 "engine acknowledged seq %d, but the last frame sent has seq %d; "
@@ -406,6 +575,7 @@ class Outbox:
         self.acked = seq
         while self._frames and self._frames[0].seq <= seq:
             self.unacked_output_bytes -= self._frames.popleft().output_bytes
+        self._refill()
 
     def first_after(self, seq: int) -> Frame | None:
         """Return the first unacknowledged frame with a seq above ``seq``."""
@@ -413,6 +583,9 @@ class Outbox:
             return None
         index = max(0, seq + 1 - self._frames[0].seq)
         return self._frames[index] if index < len(self._frames) else None
+
+    def close(self, remove: bool) -> None:
+        self._spool.close(remove)
 
 
 # -- the command --------------------------------------------------------------
@@ -530,20 +703,28 @@ class OutputReader:
         self._buffered_chars = 0
         for start in range(0, len(text), FLUSH_CHARS):
             frame = self._outbox.push("output", data=text[start : start + FLUSH_CHARS])
-            log.debug("run %s: queued output seq %d", self._ids.run, frame.seq)
+            if frame is not None:
+                log.debug("run %s: queued output seq %d", self._ids.run, frame.seq)
+            else:
+                log.debug(
+                    "run %s: spooled output (%d bytes waiting)",
+                    self._ids.run,
+                    self._outbox.spooled_bytes,
+                )
         self.update_backpressure()
 
     def update_backpressure(self) -> None:
-        """Stop or resume reading the pipe as unacknowledged output crosses the limit."""
+        """Stop reading the pipe while the spool cannot take output, and resume after."""
         if self.closed:
             return
-        paused = output_paused(self._outbox.unacked_output_bytes)
+        paused = not self._outbox.accepting
         if paused and self._reading:
             self._loop.remove_reader(self._fd)
             self._reading = False
             self.paused = True
             log.info(
-                "run %s: output paused: %d bytes wait for the engine's acknowledgement",
+                "run %s: output paused: the spool is not writable and %d bytes wait for the "
+                "engine's acknowledgement",
                 self._ids.run,
                 self._outbox.unacked_output_bytes,
             )
@@ -955,8 +1136,20 @@ class Outcome(enum.Enum):
 class EngineLink:
     """Connects to the engine, resends what it has not acknowledged, and reconnects."""
 
-    def __init__(self, url: str, token: str, ids: RunIds, outbox: Outbox, command: Command) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        ids: RunIds,
+        outbox: Outbox,
+        command: Command,
+        cafile: str | None = None,
+    ) -> None:
         self._url = url
+        # For wss://: verify the engine against ``cafile``, or the system's trust store.
+        self._ssl_context: ssl.SSLContext | None = None
+        if url.startswith("wss://"):
+            self._ssl_context = ssl.create_default_context(cafile=cafile or None)
         self._token = token
         self._ids = ids
         self._outbox = outbox
@@ -1022,10 +1215,12 @@ class EngineLink:
     # -- one connection ----------------------------------------------------------
 
     async def _connect(self) -> tornado.websocket.WebSocketClientConnection | None:
+        request = tornado.httpclient.HTTPRequest(
+            self._url, connect_timeout=CONNECT_TIMEOUT, ssl_options=self._ssl_context
+        )
         try:
             return await tornado.websocket.websocket_connect(
-                self._url,
-                connect_timeout=CONNECT_TIMEOUT,
+                request,
                 max_message_size=MAX_FRAME_BYTES,
                 ping_interval=PING_INTERVAL,
                 ping_timeout=PING_TIMEOUT,
@@ -1308,6 +1503,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logdir", default=DEFAULT_LOGDIR, help="directory of <job>.log")
     parser.add_argument("--statedir", default=DEFAULT_STATEDIR, help="directory of <run>.json")
     parser.add_argument(
+        "--cafile", default=None, help="CA bundle to verify a wss:// engine with (default: system)"
+    )
+    parser.add_argument(
         "--ready-fd",
         type=int,
         default=None,
@@ -1448,6 +1646,7 @@ class Setup:
     token: str
     record: LocalRecord
     script_fd: int
+    cafile: str | None = None
 
 
 def prepare(args: argparse.Namespace) -> Setup:
@@ -1463,6 +1662,8 @@ def prepare(args: argparse.Namespace) -> Setup:
         raise StartupError(f"invalid argument: {exc}") from None
     if not args.url.startswith(("ws://", "wss://")):
         raise StartupError(f"invalid --url {args.url!r}: expected a ws:// or wss:// URL")
+    if args.cafile and not os.path.isfile(args.cafile):
+        raise StartupError(f"--cafile {args.cafile!r} is not a readable file")
     scrub_initial_environ("SP_RUN_TOKEN")
     token = os.environ.pop("SP_RUN_TOKEN", "")
     if not token:
@@ -1475,15 +1676,23 @@ def prepare(args: argparse.Namespace) -> Setup:
         record.write()
     except OSError as exc:
         raise StartupError(f"cannot write local record {record.path}: {exc}") from None
-    return Setup(ids=ids, url=args.url, token=token, record=record, script_fd=script_fd)
+    return Setup(
+        ids=ids,
+        url=args.url,
+        token=token,
+        record=record,
+        script_fd=script_fd,
+        cafile=args.cafile,
+    )
 
 
 async def run_wrapper(setup: Setup) -> int:
     """Run the job and report it to the engine. Return the wrapper's exit status."""
     loop = asyncio.get_running_loop()
-    outbox = Outbox()
+    spool_path = os.path.splitext(setup.record.path)[0] + ".spool"
+    outbox = Outbox(spool_path)
     command = Command(setup.ids, outbox, setup.record, setup.script_fd)
-    link = EngineLink(setup.url, setup.token, setup.ids, outbox, command)
+    link = EngineLink(setup.url, setup.token, setup.ids, outbox, command, cafile=setup.cafile)
     # Worker threads (Tornado resolves host names in them) block the signals
     # that the loop handles, so the kernel runs every handler in the main
     # thread. Signals that are pending together then reach the loop in one
@@ -1501,6 +1710,7 @@ async def run_wrapper(setup: Setup) -> int:
         return await link.run()
     finally:
         command.kill_abandoned()
+        outbox.close(remove=True)
 
 
 def _on_stop_signal(command: Command, signum: signal.Signals) -> None:
@@ -1554,6 +1764,7 @@ def launch(
     statedir: str,
     python: str = sys.executable,
     ready_timeout: float = DEFAULT_READY_TIMEOUT,
+    cafile: str | None = None,
 ) -> dict[str, object]:
     """Start the wrapper detached and wait for its ready line.
 
@@ -1591,6 +1802,8 @@ def launch(
         f"--statedir={statedir}",
         f"--ready-fd={ready_write}",
     ]
+    if cafile:
+        argv.append(f"--cafile={cafile}")
     env = {key: value for key, value in os.environ.items() if key != "SP_RUN_TOKEN"}
     env["SP_RUN_TOKEN"] = token
     try:
@@ -1827,6 +2040,9 @@ def build_launcher_parser() -> argparse.ArgumentParser:
     )
     launch_parser.add_argument("--logdir", default=DEFAULT_LOGDIR, help="directory of <job>.log")
     launch_parser.add_argument(
+        "--cafile", default=None, help="CA bundle to verify a wss:// engine with (default: system)"
+    )
+    launch_parser.add_argument(
         "--ready-timeout",
         type=float,
         default=DEFAULT_READY_TIMEOUT,
@@ -1877,6 +2093,7 @@ def launcher_main(arguments: list[str]) -> int:
             logdir=args.logdir,
             statedir=args.statedir,
             ready_timeout=args.ready_timeout,
+            cafile=args.cafile,
         )
         status = EXIT_OK if result.get("started") else EXIT_LAUNCHER_FAILED
     elif args.command == "running":

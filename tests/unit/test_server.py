@@ -14,6 +14,8 @@ import asyncio
 import collections
 import json
 import os
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,8 +52,10 @@ class RecordedEvents:
 class EngineLoop:
     """The server, manager and store on their own loop thread."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, ssl_context: ssl.SSLContext | None = None) -> None:
         self.tmp_path = tmp_path
+        self.ssl_context = ssl_context
+        self.cafile: str | None = None
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.events = RecordedEvents()
@@ -70,7 +74,13 @@ class EngineLoop:
         self.manager = RunManager(
             self.store, self.events, self.jobs.get, launch_timeout=30, heartbeat_timeout=15
         )
-        self.http = server.listen(self.manager, self.port, "127.0.0.1", rejections=self.rejections)
+        self.http = server.listen(
+            self.manager,
+            self.port,
+            "127.0.0.1",
+            ssl_options=self.ssl_context,
+            rejections=self.rejections,
+        )
 
     def stop(self) -> None:
         def teardown() -> None:
@@ -89,7 +99,8 @@ class EngineLoop:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}{server.WRAPPER_PATH}"
+        scheme = "wss" if self.ssl_context is not None else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}{server.WRAPPER_PATH}"
 
     def start_run(self, command: str, **fields: Any) -> tuple[Run, str]:
         raw = {
@@ -124,6 +135,7 @@ class EngineLoop:
             "debug",
             str(self.tmp_path / "logs"),
             str(self.tmp_path / "state"),
+            cafile=self.cafile,
         )
         assert result["started"] is True, result
         return result
@@ -383,3 +395,42 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.05)
+
+
+@pytest.fixture
+def tls_engine(tmp_path: Path) -> Iterator[EngineLoop]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    loop = EngineLoop(tmp_path, ssl_context=context)
+    loop.cafile = str(cert)
+    loop.start()
+    yield loop
+    loop.stop()
+
+
+class TestTls:
+    def test_wrapper_reports_over_wss(self, tls_engine: EngineLoop) -> None:
+        run, token = tls_engine.start_run("echo over tls")
+        tls_engine.launch(run, token)
+        result = tls_engine.wait_for_result(run)
+        assert result["retcode"] == 0
+        assert result["output"] == "over tls\n"
+
+    def test_plain_client_cannot_talk_to_tls_server(self, tls_engine: EngineLoop) -> None:
+        plain = f"ws://127.0.0.1:{tls_engine.port}{server.WRAPPER_PATH}"
+
+        async def connect() -> None:
+            await tornado.websocket.websocket_connect(plain, connect_timeout=5)
+
+        with pytest.raises(Exception):  # noqa: B017 - any failure to connect is the point
+            asyncio.run_coroutine_threadsafe(connect(), tls_engine.loop).result(timeout=15)

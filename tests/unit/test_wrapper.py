@@ -15,6 +15,7 @@ import subprocess
 import sys
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -25,7 +26,6 @@ from saltpeter import wrapper
 from saltpeter.wrapper import (
     BACKOFF_MAX,
     GIVE_UP_AFTER,
-    MAX_UNACKED_OUTPUT_BYTES,
     Command,
     EngineLink,
     JobSpec,
@@ -103,17 +103,6 @@ class TestGiveUpWait:
             now=100.0 + GIVE_UP_AFTER, disconnected_since=50.0, idle_since=100.0
         )
         assert wait == 0.0
-
-
-class TestOutputPaused:
-    def test_below_limit_keeps_reading(self) -> None:
-        assert not wrapper.output_paused(MAX_UNACKED_OUTPUT_BYTES - 1)
-
-    def test_limit_pauses(self) -> None:
-        assert wrapper.output_paused(MAX_UNACKED_OUTPUT_BYTES)
-
-    def test_limit_is_64_mib(self) -> None:
-        assert MAX_UNACKED_OUTPUT_BYTES == 64 * 1024 * 1024
 
 
 class TestUtcTimestamp:
@@ -426,3 +415,91 @@ class TestCommandLine:
         assert wrapper._ready_fd_from_argv(["--bogus", "--ready-fd=7"]) == 7
         assert wrapper._ready_fd_from_argv(["--ready-fd", "9", "--bogus"]) == 9
         assert wrapper._ready_fd_from_argv(["--bogus"]) is None
+
+
+def drain(outbox: Outbox) -> list[dict[str, Any]]:
+    """Acknowledge frames one by one and return every frame, in seq order."""
+    frames = []
+    while True:
+        frame = outbox.first_after(outbox.acked)
+        if frame is None:
+            return frames
+        frames.append(json.loads(frame.text))
+        outbox.ack(frame.seq)
+
+
+class TestSpooling:
+    def make(self, tmp_path: Path | None = None, **sizes: int) -> Outbox:
+        async def build() -> Outbox:
+            path = str(tmp_path / "run.spool") if tmp_path is not None else None
+            return Outbox(path, **sizes)
+
+        return asyncio.run(build())
+
+    def test_output_beyond_window_is_spooled(self) -> None:
+        outbox = self.make(window_bytes=4)
+        assert outbox.push("output", data="aaaa") is not None
+        assert outbox.push("output", data="bbbb") is None
+        assert outbox.last_seq == 1
+
+    def test_ack_numbers_spooled_output_in_order(self) -> None:
+        outbox = self.make(window_bytes=4)
+        outbox.push("start", pid=1, time="t")
+        for text in ("aaaa", "bbbb", "cccc"):
+            outbox.push("output", data=text)
+        outbox.push("complete", retcode=0, reason="exit", time="t")
+        frames = drain(outbox)
+        assert [frame["seq"] for frame in frames] == [1, 2, 3, 4, 5]
+        assert [frame.get("data") for frame in frames[1:4]] == ["aaaa", "bbbb", "cccc"]
+        assert frames[-1]["type"] == "complete"
+        assert outbox.complete_acked
+
+    def test_full_spool_drops_oldest_and_says_so(self) -> None:
+        outbox = self.make(window_bytes=1, spool_max_bytes=60)
+        outbox.push("output", data="first\n")
+        for number in range(10):
+            outbox.push("output", data=f"line {number}\n")
+        frames = drain(outbox)
+        texts = [frame["data"] for frame in frames]
+        assert texts[0] == "first\n"
+        assert "bytes of output dropped on the minion" in texts[1]
+        assert texts[-1] == "line 9\n"
+        assert [frame["seq"] for frame in frames] == list(range(1, len(frames) + 1))
+        dropped = int(texts[1].split("[saltpeter: ")[1].split()[0])
+        assert dropped == outbox.dropped_total
+        kept = "".join(texts[2:])
+        assert len(kept) + dropped == sum(len(f"line {n}\n") for n in range(10))
+
+    def test_complete_is_never_dropped(self) -> None:
+        outbox = self.make(window_bytes=1, spool_max_bytes=40)
+        outbox.push("output", data="x")
+        outbox.push("output", data="y" * 30)
+        outbox.push("complete", retcode=3, reason="exit", time="t")
+        outbox.push("output", data="z" * 30)
+        frames = drain(outbox)
+        assert any(frame["type"] == "complete" for frame in frames)
+
+    def test_file_spool_is_emptied_and_removed(self, tmp_path: Path) -> None:
+        outbox = self.make(tmp_path, window_bytes=4)
+        outbox.push("output", data="aaaa")
+        outbox.push("output", data="é" * 10)
+        spool = tmp_path / "run.spool"
+        assert spool.stat().st_size > 0
+        assert spool.stat().st_mode & 0o777 == 0o600
+        frames = drain(outbox)
+        assert frames[1]["data"] == "é" * 10
+        assert spool.stat().st_size == 0
+        outbox.close(remove=True)
+        assert not spool.exists()
+
+    def test_unwritable_spool_keeps_output_and_pauses(self) -> None:
+        async def build() -> Outbox:
+            return Outbox("/dev/full", window_bytes=1)
+
+        outbox = asyncio.run(build())
+        outbox.push("output", data="a")
+        assert outbox.push("output", data="b") is None
+        assert outbox.accepting is False
+        outbox.push("output", data="c")
+        assert [frame["data"] for frame in drain(outbox)] == ["a", "b", "c"]
+        assert outbox.accepting is True
