@@ -411,8 +411,12 @@ class LiveClient:
                 return messages
 
     def close(self) -> None:
-        self.connection.close()
-        self.loop.run_until_complete(asyncio.sleep(0.05))
+        async def shut() -> None:
+            # Inside the loop: closing writes a frame, which needs a running loop.
+            self.connection.close()
+            await asyncio.sleep(0.05)
+
+        self.loop.run_until_complete(shut())
         self.loop.close()
 
 
