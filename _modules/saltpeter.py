@@ -159,6 +159,9 @@ def launch(
     ]
     if cafile:
         args.append(f"--cafile={cafile}")
+    # The wrapper signs the run credential with this minion's Salt key, which
+    # proves to the engine that the run's token is used by this minion.
+    args.append(f"--key={os.path.join(__opts__['pki_dir'], 'minion.pem')}")
     env = {key: value for key, value in os.environ.items() if key != "SP_RUN_TOKEN"}
     env["SP_RUN_TOKEN"] = str(token)
     try:

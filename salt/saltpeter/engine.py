@@ -117,6 +117,7 @@ class Engine:
             launch_timeout=self.settings.launch_timeout,
             heartbeat_timeout=self.settings.heartbeat_timeout,
             kill_fallback=self._kill_through_salt,
+            verify_signature=self.bridge.verify_minion_signature,
         )
         self.manager.observers.append(self.metrics)
         self.metrics.track(

@@ -100,6 +100,7 @@ class RunManager:
         heartbeat_timeout: float = 15.0,
         clock: Callable[[], float] = time.monotonic,
         kill_fallback: Callable[[Run, list[str]], None] | None = None,
+        verify_signature: Callable[[str, bytes, str | None], bool] | None = None,
     ) -> None:
         self.store = store
         self.events = events
@@ -108,6 +109,9 @@ class RunManager:
         self.heartbeat_timeout = heartbeat_timeout
         self.clock = clock
         self.kill_fallback = kill_fallback
+        # Checks a hello's signature against the minion's accepted Salt key.
+        # None skips the check, for tests that run without Salt's keys.
+        self.verify_signature = verify_signature
         self.runs: dict[str, Run] = {}
         self.observers: list[RunObserver] = []
         self._jids: dict[str, str] = {}
@@ -337,6 +341,16 @@ class RunManager:
             raise ProtocolError(
                 AUTH_FAILED, f"minion {hello.machine} is not a target of run {hello.run}"
             )
+        if self.verify_signature is not None:
+            # Every minion sees a publish's arguments, token included, so only a
+            # signature by the minion's own key proves who is connecting.
+            message = protocol.credential_message(hello.run, hello.machine, hello.token)
+            if not self.verify_signature(hello.machine, message, hello.signature):
+                raise ProtocolError(
+                    AUTH_FAILED,
+                    f"the hello for run {hello.run} is not signed by the accepted key of "
+                    f"minion {hello.machine}",
+                )
         return run, machine
 
     def _finished_run(self, run_id: str) -> Run | None:
@@ -355,8 +369,13 @@ class RunManager:
         own result gets none, so a stale wrapper exits without running anything.
         """
         job_spec = None
-        may_run = not machine.done or (
-            machine.reason in ENGINE_DECIDED_REASONS and machine.late_retcode is None
+        # A wrapper that already started the command has the job; nobody else
+        # gets it again, so its environment goes out at most once per start.
+        may_run = machine.state in (MachineState.PENDING, MachineState.LAUNCHED) or (
+            machine.done
+            and machine.reason in ENGINE_DECIDED_REASONS
+            and machine.late_retcode is None
+            and machine.pid is None
         )
         if need_job and may_run:
             job = run.job or self.job_lookup(run.job_name)

@@ -26,6 +26,8 @@ COMPLETE_REASONS = frozenset({"exit", "signal", "timeout", "killed", "start_fail
 
 # Maximum length of a run id, minion id, token or version string in a hello.
 _MAX_ID_LENGTH = 256
+# Base64 of an RSA signature: 684 characters for a 4096-bit key.
+_MAX_SIGNATURE_LENGTH = 2048
 
 
 class ProtocolError(Exception):
@@ -43,6 +45,8 @@ class Hello:
     token: str
     wrapper_version: str
     need_job: bool
+    # Base64 RSA signature of the run credential by the minion's Salt key.
+    signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,15 @@ def _identifier(obj: dict[str, Any], name: str) -> str:
     return value
 
 
+def _signature(obj: dict[str, Any]) -> str | None:
+    if obj.get("signature") is None:
+        return None
+    value = _field(obj, "signature", str)
+    if not value or len(value) > _MAX_SIGNATURE_LENGTH:
+        raise _bad("hello frame: field 'signature' is empty or too long")
+    return value
+
+
 def _seq(obj: dict[str, Any]) -> int:
     seq = _field(obj, "seq", int)
     if seq < 1:
@@ -133,6 +146,7 @@ def parse_frame(text: str | bytes) -> Frame:
             token=_identifier(obj, "token"),
             wrapper_version=str(obj.get("wrapper_version", "unknown"))[:_MAX_ID_LENGTH],
             need_job=bool(obj.get("need_job", False)),
+            signature=_signature(obj),
         )
     if kind == "start":
         return Start(seq=_seq(obj), pid=_field(obj, "pid", int), time=_field(obj, "time", str))
@@ -153,6 +167,14 @@ def parse_frame(text: str | bytes) -> Frame:
     if kind == "heartbeat":
         return Heartbeat(time=str(obj.get("time", "")))
     raise _bad(f"unknown frame type {str(kind)[:64]!r}")
+
+
+def credential_message(run_id: str, machine_id: str, token: str) -> bytes:
+    """Return the bytes a minion signs with its Salt key to prove it received a run.
+
+    The wrapper builds the same bytes (``credential_message`` in wrapper.py).
+    """
+    return f"saltpeter-run-credential:{run_id}:{machine_id}:{token}".encode()
 
 
 def encode(kind: str, **fields: Any) -> str:

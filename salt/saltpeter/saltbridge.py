@@ -11,10 +11,12 @@ the engine's loop never waits on the disk or the master's request server.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import logging
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -22,6 +24,9 @@ import salt.client
 import salt.utils.event
 import salt.utils.jid
 import salt.utils.minions
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,7 @@ class SaltBridge:
         self._listener: salt.utils.event.MasterEvent | None = None
         self._publisher: salt.utils.event.MasterEvent | None = None
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+        self.minion_keys = MinionKeys(opts)
         self._sender: asyncio.Task[None] | None = None
 
     async def start(self, on_event: EventHandler) -> None:
@@ -83,6 +89,9 @@ class SaltBridge:
                 event.destroy()
         if self._client is not None:
             self._client.destroy()
+
+    def verify_minion_signature(self, minion: str, message: bytes, signature: str | None) -> bool:
+        return self.minion_keys.verify(minion, message, signature)
 
     # -- the event bus ------------------------------------------------------
 
@@ -158,6 +167,69 @@ class SaltBridge:
         if not pub or not pub.get("jid") or str(pub.get("jid")) == "0":
             raise RuntimeError(f"the master did not accept the publish of {fun}")
         return pub
+
+
+class MinionKeys:
+    """Verifies signatures made with minions' Salt keys, against the master's accepted keys.
+
+    Keys come from Salt's key cache (``keys.cache_driver``, by default the
+    files in ``pki_dir/minions``) and are kept for ``ttl`` seconds, so a key
+    that is deleted or rejected stops working within that time.
+    """
+
+    def __init__(self, opts: dict[str, Any], ttl: float = 60.0) -> None:
+        self.opts = opts
+        self.ttl = ttl
+        self._cache: Any = None
+        self._keys: dict[str, tuple[float, Any]] = {}
+
+    def _key_cache(self) -> Any:
+        if self._cache is None:
+            import salt.cache
+
+            self._cache = salt.cache.Cache(
+                self.opts, driver=self.opts.get("keys.cache_driver", "localfs_key")
+            )
+        return self._cache
+
+    def _public_key(self, minion: str) -> Any:
+        now = time.monotonic()
+        cached = self._keys.get(minion)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        key = None
+        try:
+            entry = self._key_cache().fetch("keys", minion)
+        except Exception as exc:
+            log.warning("cannot read the Salt key of minion %s: %s", minion, exc)
+            entry = None
+        if isinstance(entry, dict) and entry.get("state") == "accepted" and entry.get("pub"):
+            try:
+                key = serialization.load_pem_public_key(str(entry["pub"]).encode())
+            except ValueError as exc:
+                log.warning("the accepted Salt key of minion %s is unreadable: %s", minion, exc)
+        self._keys[minion] = (now, key)
+        if len(self._keys) > 100000:
+            self._keys.clear()
+        return key
+
+    def verify(self, minion: str, message: bytes, signature: str | None) -> bool:
+        """Return whether ``signature`` is ``minion``'s signature of ``message``."""
+        if not signature:
+            return False
+        key = self._public_key(minion)
+        if not isinstance(key, rsa.RSAPublicKey):
+            return False
+        try:
+            key.verify(
+                base64.b64decode(signature, validate=True),
+                message,
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
+        except (InvalidSignature, ValueError):
+            return False
+        return True
 
 
 def parse_return_tag(tag: str) -> tuple[str, str] | None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import codecs
 import collections
 import concurrent.futures
@@ -1144,8 +1145,10 @@ class EngineLink:
         outbox: Outbox,
         command: Command,
         cafile: str | None = None,
+        signature: str | None = None,
     ) -> None:
         self._url = url
+        self._signature = signature
         # For wss://: verify the engine against ``cafile``, or the system's trust store.
         self._ssl_context: ssl.SSLContext | None = None
         if url.startswith("wss://"):
@@ -1292,6 +1295,8 @@ class EngineLink:
             "wrapper_version": __version__,
             "need_job": need_job,
         }
+        if self._signature:
+            hello["signature"] = self._signature
         await self._send(conn, f"hello (need_job {need_job})", json.dumps(hello))
         try:
             message = await asyncio.wait_for(conn.read_message(), WELCOME_TIMEOUT)
@@ -1647,6 +1652,7 @@ class Setup:
     record: LocalRecord
     script_fd: int
     cafile: str | None = None
+    signature: str | None = None
 
 
 def prepare(args: argparse.Namespace) -> Setup:
@@ -1668,6 +1674,8 @@ def prepare(args: argparse.Namespace) -> Setup:
     token = os.environ.pop("SP_RUN_TOKEN", "")
     if not token:
         raise StartupError("the SP_RUN_TOKEN environment variable is missing or empty")
+    scrub_initial_environ("SP_RUN_SIGNATURE")
+    signature = os.environ.pop("SP_RUN_SIGNATURE", "") or None
     script_fd = _reserve_low_fd()
     _prepare_statedir(args.statedir)
     record = LocalRecord(args.statedir, ids)
@@ -1683,6 +1691,7 @@ def prepare(args: argparse.Namespace) -> Setup:
         record=record,
         script_fd=script_fd,
         cafile=args.cafile,
+        signature=signature,
     )
 
 
@@ -1692,7 +1701,15 @@ async def run_wrapper(setup: Setup) -> int:
     spool_path = os.path.splitext(setup.record.path)[0] + ".spool"
     outbox = Outbox(spool_path)
     command = Command(setup.ids, outbox, setup.record, setup.script_fd)
-    link = EngineLink(setup.url, setup.token, setup.ids, outbox, command, cafile=setup.cafile)
+    link = EngineLink(
+        setup.url,
+        setup.token,
+        setup.ids,
+        outbox,
+        command,
+        cafile=setup.cafile,
+        signature=setup.signature,
+    )
     # Worker threads (Tornado resolves host names in them) block the signals
     # that the loop handles, so the kernel runs every handler in the main
     # thread. Signals that are pending together then reach the loop in one
@@ -1752,6 +1769,33 @@ def _reap_launched() -> None:
     _launched[:] = [proc for proc in _launched if proc.poll() is None]
 
 
+def credential_message(run_id: str, machine_id: str, token: str) -> bytes:
+    """Return the bytes a minion signs to prove it is the minion a run was sent to."""
+    return f"saltpeter-run-credential:{run_id}:{machine_id}:{token}".encode()
+
+
+def sign_credential(key_path: str, run_id: str, machine_id: str, token: str) -> str:
+    """Sign the run credential with the minion's Salt key; return it in base64.
+
+    The engine verifies it with the minion's accepted public key, so a run's
+    token alone, which every minion and Salt's job cache see, does not let
+    anyone act as this minion. RSA PKCS#1 v1.5 with SHA-256, through the
+    ``cryptography`` package, which every Salt installation has. Imported
+    here so the rest of the wrapper needs only the standard library and Tornado.
+    """
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    with open(key_path, "rb") as handle:
+        key = serialization.load_pem_private_key(handle.read(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError(f"{key_path} is not an RSA private key")
+    signature = key.sign(
+        credential_message(run_id, machine_id, token), padding.PKCS1v15(), hashes.SHA256()
+    )
+    return base64.b64encode(signature).decode("ascii")
+
+
 def launch(
     run_id: str,
     job: str,
@@ -1765,6 +1809,7 @@ def launch(
     python: str = sys.executable,
     ready_timeout: float = DEFAULT_READY_TIMEOUT,
     cafile: str | None = None,
+    key_path: str | None = None,
 ) -> dict[str, object]:
     """Start the wrapper detached and wait for its ready line.
 
@@ -1804,8 +1849,17 @@ def launch(
     ]
     if cafile:
         argv.append(f"--cafile={cafile}")
-    env = {key: value for key, value in os.environ.items() if key != "SP_RUN_TOKEN"}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("SP_RUN_TOKEN", "SP_RUN_SIGNATURE")
+    }
     env["SP_RUN_TOKEN"] = token
+    if key_path:
+        try:
+            env["SP_RUN_SIGNATURE"] = sign_credential(key_path, run_id, machine_id, token)
+        except (OSError, ValueError, ImportError) as exc:
+            return {"started": False, "error": f"cannot sign the run credential: {exc}"}
     try:
         # A new session, /dev/null for stdio and no inherited descriptor except
         # the ready pipe let the wrapper outlive the Salt job that started it.
@@ -2043,6 +2097,11 @@ def build_launcher_parser() -> argparse.ArgumentParser:
         "--cafile", default=None, help="CA bundle to verify a wss:// engine with (default: system)"
     )
     launch_parser.add_argument(
+        "--key",
+        default=None,
+        help="the minion's Salt private key, to sign the run credential with",
+    )
+    launch_parser.add_argument(
         "--ready-timeout",
         type=float,
         default=DEFAULT_READY_TIMEOUT,
@@ -2094,6 +2153,7 @@ def launcher_main(arguments: list[str]) -> int:
             statedir=args.statedir,
             ready_timeout=args.ready_timeout,
             cafile=args.cafile,
+            key_path=args.key,
         )
         status = EXIT_OK if result.get("started") else EXIT_LAUNCHER_FAILED
     elif args.command == "running":

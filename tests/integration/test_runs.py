@@ -440,3 +440,48 @@ def test_no_job_process_outlives_module(sandbox) -> None:
         if environ & names:
             leftovers.append(int(entry.name))
     assert leftovers == []
+
+
+class TestCredentials:
+    def test_token_from_job_cache_cannot_fetch_env(self, sandbox, events) -> None:
+        """The token is in Salt's job cache; without the minion's signature it is useless."""
+        import asyncio
+        import json
+
+        import tornado.websocket
+
+        result = run_now(sandbox, "killable")
+        run_id = result["run_id"]
+        for minion in ("minion-2", "minion-3"):
+            events.wait(rf"saltpeter/job/killable/{minion}/start")
+        store = RunStore(sandbox.store_path, readonly=True)
+        try:
+            jid = store.run(run_id)["jid"]
+        finally:
+            store.close()
+        job = sandbox.salt_run("jobs.list_job", jid)
+        token = job["Arguments"][3]
+        url = f"ws://127.0.0.1:{sandbox.machines_port}/wrapper"
+
+        async def forge() -> dict[str, Any]:
+            connection = await tornado.websocket.websocket_connect(url)
+            hello = {
+                "type": "hello",
+                "protocol": 1,
+                "run": run_id,
+                "machine": "minion-2",
+                "token": token,
+                "need_job": True,
+            }
+            await connection.write_message(json.dumps(hello))
+            reply = await asyncio.wait_for(connection.read_message(), 10)
+            connection.close()
+            return json.loads(reply)
+
+        reply = asyncio.run(forge())
+        assert reply["type"] == "error"
+        assert reply["code"] == "auth_failed"
+        assert "signed" in reply["message"]
+        sandbox.salt_run("saltpeter.kill", "job=killable")
+        done = wait_run_complete(events, "killable", run_id)
+        assert done["retcodes"] == {"minion-2": 143, "minion-3": 143}

@@ -572,3 +572,28 @@ class TestObservers:
         complete(manager, run, "m1")
         assert store.run(run.run_id)["status"] == "succeeded"
         assert events.last("saltpeter/job/backup/complete")["success"] is True
+
+
+class TestSignatureAndJobDelivery:
+    def test_unsigned_hello_is_rejected(self, store: RunStore, events: RecordedEvents) -> None:
+        checked: list[tuple[str, bytes, str | None]] = []
+
+        def verify(machine: str, message: bytes, signature: str | None) -> bool:
+            checked.append((machine, message, signature))
+            return signature == "good"
+
+        manager = RunManager(store, events, {"backup": make_job()}.get, verify_signature=verify)
+        run, token = start_run(manager)
+        with pytest.raises(ProtocolError) as caught:
+            manager.authenticate(hello(run.run_id, token))
+        assert caught.value.code == AUTH_FAILED
+        assert checked[0][1] == f"saltpeter-run-credential:{run.run_id}:m1:{token}".encode()
+        signed = Hello(1, run.run_id, "m1", token, "test", True, signature="good")
+        assert manager.authenticate(signed)[1].machine == "m1"
+
+    def test_job_is_not_sent_again_once_started(self, manager: RunManager) -> None:
+        run, token = start_run(manager)
+        found_run, machine = manager.authenticate(hello(run.run_id, token))
+        assert manager.welcome(found_run, machine, need_job=True)["job"] is not None
+        manager.on_frame(found_run, machine, Start(1, 42, "t"))
+        assert manager.welcome(found_run, machine, need_job=True)["job"] is None
