@@ -199,7 +199,7 @@ def running(wrapper_path=None):
     return _run_wrapper(_wrapper_path(wrapper_path), args, SUBCOMMAND_MARGIN)
 
 
-def kill_local(run, wrapper_path=None):
+def kill_local(run, wrapper_path=None, orphaned_only=False):
     """
     Stop a run on this minion without going through the engine.
 
@@ -214,6 +214,11 @@ def kill_local(run, wrapper_path=None):
         Path of the wrapper on the minion. Default: the minion option
         ``saltpeter_wrapper_path``, or ``/usr/local/bin/sp_wrapper.py``.
 
+    orphaned_only
+        Act only when the run's wrapper is gone, on the processes it left.
+        The engine asks for this when it records the minion as lost.
+        Default: ``False``.
+
     CLI Example:
 
     .. code-block:: bash
@@ -221,6 +226,8 @@ def kill_local(run, wrapper_path=None):
         salt 'web1' saltpeter.kill_local 3f2a9c
     """
     args = ["kill-local", str(run), f"--statedir={_statedir()}"]
+    if orphaned_only:
+        args.append("--orphaned-only")
     # 5 s grace, then up to 5 s for the SIGKILLed processes to go.
     result = _run_wrapper(_wrapper_path(wrapper_path), args, 10 + SUBCOMMAND_MARGIN)
     if not isinstance(result, dict) or not result.get("killed"):

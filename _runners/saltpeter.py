@@ -122,7 +122,7 @@ def next_(job, count=5):
     """
     from saltpeter import control
 
-    return _call(control.next_times, __opts__, job, count=int(count))
+    return _call(control.next_times, __opts__, job, count=count)
 
 
 def validate(path=None):

@@ -116,6 +116,18 @@ def _minion_list(value: object, option: str) -> list[str]:
     return minions
 
 
+def _machine_names(section: Mapping[str, Any]) -> list[str]:
+    """Return the minion ids a maintenance section lists, skipping invalid items.
+
+    The engine reports invalid items as configuration errors; here they are
+    only left out, so showing or changing maintenance still works.
+    """
+    machines = section.get("machines")
+    if not isinstance(machines, list):
+        return []
+    return [machine for machine in machines if isinstance(machine, str) and machine]
+
+
 def _read_section(path: Path) -> dict[str, Any]:
     try:
         document, _, _ = read_job_file(path)
@@ -166,8 +178,7 @@ def maintenance(
     section = _read_section(path)
 
     if global_ is not None or added or removed:
-        machines = [str(machine) for machine in section.get("machines") or []]
-        machines = [machine for machine in machines if machine not in removed]
+        machines = [machine for machine in _machine_names(section) if machine not in removed]
         machines += [minion for minion in added if minion not in machines]
         new_section: dict[str, Any] = {
             "global": bool(section.get("global")) if global_ is None else global_,
@@ -187,13 +198,13 @@ def maintenance(
     for other, other_section in _other_sections(directory, path).items():
         if other_section.get("global") is True and global_ is False:
             notes.append(f"global maintenance stays on, because {other} sets global: true")
-        for minion in sorted(set(removed) & set(other_section.get("machines") or [])):
+        for minion in sorted(set(removed) & set(_machine_names(other_section))):
             notes.append(f"{minion} stays under maintenance, because {other} lists it")
     return {
         "global": merged.global_,
         "machines": sorted(merged.machines),
         "file": str(path),
         "file_global": bool(section.get("global")),
-        "file_machines": list(section.get("machines") or []),
+        "file_machines": _machine_names(section),
         "notes": notes,
     }

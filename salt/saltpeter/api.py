@@ -108,6 +108,21 @@ class ApiError(tornado.web.HTTPError):
 # --------------------------------------------------------------------------- access
 
 
+def _json_kind(value: object) -> str:
+    """Name a decoded JSON value's kind in JSON's own words, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
 def is_loopback(address: str) -> bool:
     """Tell whether a bind address or host name is a loopback address.
 
@@ -528,7 +543,7 @@ def job_from_body(body: bytes) -> str:
         raise ApiError(400, f"the request body is not valid JSON ({exc}); {example}") from None
     if not isinstance(payload, dict):
         raise ApiError(
-            400, f"the request body is a JSON {type(payload).__name__}, not an object; {example}"
+            400, f"the request body is {_json_kind(payload)}, not a JSON object; {example}"
         )
     if "job" not in payload:
         raise ApiError(400, f"the request body has no 'job' key; {example}")
@@ -951,7 +966,7 @@ class LiveHandler(_AccessMixin, tornado.websocket.WebSocketHandler):
             return
         if not isinstance(request, dict):
             self.send_error_message(
-                f"the message is a JSON {type(request).__name__}; expected an object such as "
+                f"the message is {_json_kind(request)}; expected a JSON object such as "
                 '{"subscribe": "backup"}'
             )
             return

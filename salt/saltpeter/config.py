@@ -60,6 +60,17 @@ JOB_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 SCHEDULE_DEFAULTS: Mapping[str, str] = MappingProxyType({"sec": "0", "year": "*"})
 DEFAULT_TIMEOUT = 3600
+MAX_TIMEOUT = 10 * 365 * 86400
+# The command and the environment reach the wrapper in one WebSocket frame of at
+# most 1 MiB, and Linux refuses a single environment string over 128 KiB
+# (MAX_ARG_STRLEN), so both are bounded here, where the error can name them.
+MAX_COMMAND_BYTES = 256 * 1024
+MAX_ENV_VALUE_BYTES = 128 * 1024
+MAX_ENV_TOTAL_BYTES = 512 * 1024
+# Run ids are the job name plus a timestamp, and the wrapper accepts ids of up
+# to 200 bytes.
+MAX_JOB_NAME_LENGTH = 100
+MAX_CATCH_UP_LIMIT = 1000
 CATCH_UP_POLICIES = ("none", "latest", "all")
 DEFAULT_CATCH_UP = "latest"
 DEFAULT_CATCH_UP_LIMIT = 10
@@ -664,6 +675,9 @@ def _schedule_text(raw: Mapping[str, Any], key: str) -> str:
 
 def _job_timezone(raw: Mapping[str, Any], settings: Settings) -> str:
     value = raw.get("timezone")
+    utc = raw.get("utc")
+    if utc is not None and not isinstance(utc, bool):
+        raise _FieldError("utc", utc, f"{_show(utc)} is invalid: expected true or false")
     if value is not None:
         try:
             return _check_timezone(value)
@@ -727,6 +741,14 @@ def _job_command(raw: Mapping[str, Any]) -> str:
         )
     if not value.strip():
         raise _FieldError("command", value, "the field is empty; set the shell command to run")
+    size = len(value.encode("utf-8"))
+    if size > MAX_COMMAND_BYTES:
+        raise _FieldError(
+            "command",
+            None,
+            f"the command is {size} bytes; at most {MAX_COMMAND_BYTES} are allowed. Put a "
+            "long script in a file on the minions and run that",
+        )
     return value
 
 
@@ -753,6 +775,12 @@ def _job_timeout(raw: Mapping[str, Any]) -> int:
             )
         if value < 0:
             raise _FieldError(key, value, f"{value} is invalid: must be 0 (no limit) or more")
+        if value > MAX_TIMEOUT:
+            raise _FieldError(
+                key,
+                value,
+                f"{value} is invalid: must be at most {MAX_TIMEOUT} (10 years); use 0 for no limit",
+            )
         return value
     return DEFAULT_TIMEOUT
 
@@ -790,7 +818,11 @@ def _job_catch_up_limit(raw: Mapping[str, Any]) -> int:
     value = raw.get("catch_up_limit")
     if value is None:
         return DEFAULT_CATCH_UP_LIMIT
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not 1 <= value <= MAX_CATCH_UP_LIMIT
+    ):
         raise _FieldError(
             "catch_up_limit",
             value,
@@ -811,24 +843,42 @@ def _job_env(raw: Mapping[str, Any]) -> Mapping[str, str]:
             f"the value is {_type_name(value)}; expected a mapping of variable names to values",
         )
     env: dict[str, str] = {}
+    problems: list[str] = []
+    named: list[str] = []  # variables with a problem, for the error's value
+    total = 0
     for name, item in value.items():
         if not isinstance(name, str) or not name or "=" in name or "\0" in name:
-            raise _FieldError(
-                "env",
-                name,
+            problems.append(
                 f"variable name {_show(name)} is invalid: expected a non-empty string "
-                "without '=' or NUL",
+                "without '=' or NUL"
             )
+            continue
         if item is None or not isinstance(item, (str, int, float, bool)):
-            raise _FieldError(
-                "env",
-                name,
-                f"the value of {name} is {_type_name(item)}; expected a string or a number",
+            problems.append(
+                f"the value of {name} is {_type_name(item)}; expected a string or a number"
             )
+            named.append(name)
+            continue
         text = str(item)
+        size = len(text.encode("utf-8"))
         if "\0" in text:
-            raise _FieldError("env", name, f"the value of {name} contains a NUL character")
+            problems.append(f"the value of {name} contains a NUL character")
+            named.append(name)
+        elif size > MAX_ENV_VALUE_BYTES:
+            problems.append(
+                f"the value of {name} is {size} bytes; at most {MAX_ENV_VALUE_BYTES} are allowed"
+            )
+            named.append(name)
+        total += size + len(name.encode("utf-8"))
         env[name] = text
+    if total > MAX_ENV_TOTAL_BYTES:
+        problems.append(
+            f"the variables take {total} bytes; at most {MAX_ENV_TOTAL_BYTES} are allowed"
+        )
+    if problems:
+        # Every problem at once, so one edit fixes them all. Values are never shown.
+        message = ". ".join(problem[0].upper() + problem[1:] for problem in problems)
+        raise _FieldError("env", ", ".join(named) or None, message[0].lower() + message[1:])
     return MappingProxyType(env)
 
 
@@ -968,6 +1018,13 @@ def _check_job_name(name: object, source: Path) -> ConfigError | None:
         return ConfigError(
             f"job name {name!r} is invalid: names start with a letter or digit and "
             "contain only letters, digits, '_', '.' and '-'",
+            file=source,
+            value=name,
+        )
+    if len(name) > MAX_JOB_NAME_LENGTH:
+        return ConfigError(
+            f"job name {name[:40]!r}... is {len(name)} characters long; at most "
+            f"{MAX_JOB_NAME_LENGTH} are allowed",
             file=source,
             value=name,
         )
@@ -1120,7 +1177,12 @@ def _read_yaml(data: bytes, source: Path) -> tuple[object, list[str]]:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or exc.context or "syntax error"
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"invalid YAML{where}: {problem}", file=source) from None
+        context = ""
+        if exc.context and exc.context_mark is not None and exc.problem:
+            # "while scanning a quoted scalar" and where it began: often the real mistake.
+            start = exc.context_mark
+            context = f" ({exc.context} at line {start.line + 1}, column {start.column + 1})"
+        raise ConfigError(f"invalid YAML{where}: {problem}{context}", file=source) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", file=source) from None
     except RecursionError:

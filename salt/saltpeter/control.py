@@ -103,12 +103,19 @@ def build_status(store: RunStore, job: str | None = None) -> dict[str, Any]:
     return {"running": running, "state": state}
 
 
+MAX_NEXT_COUNT = 1000
+
+
 def next_times(
-    opts: Mapping[str, Any], job: str, count: int = 5, now: datetime | None = None
+    opts: Mapping[str, Any], job: str, count: object = 5, now: datetime | None = None
 ) -> list[str]:
     """Return the next ``count`` fire times of a job, from its stored definition."""
-    if count < 1:
-        raise ControlError(f"count must be at least 1, not {count}")
+    text = str(count).strip()
+    if isinstance(count, bool) or not text.isdigit() or not 1 <= int(text) <= MAX_NEXT_COUNT:
+        raise ControlError(
+            f"count must be a whole number from 1 to {MAX_NEXT_COUNT}, not {str(count)[:40]!r}"
+        )
+    count = int(text)
     store = open_store(opts)
     try:
         _require_job(store, job)

@@ -118,6 +118,7 @@ class Engine:
             heartbeat_timeout=self.settings.heartbeat_timeout,
             kill_fallback=self._kill_through_salt,
             verify_signature=self.bridge.verify_minion_signature,
+            lost_cleanup=self._clean_up_lost,
         )
         self.manager.observers.append(self.metrics)
         self.metrics.track(
@@ -171,6 +172,7 @@ class Engine:
                 self._prune_history(),
             )
         finally:
+            log.info("saltpeter engine stopping; runs in flight continue on the minions")
             http_server.stop()
             if api_server is not None:
                 api_server.stop()
@@ -223,7 +225,7 @@ class Engine:
                 await asyncio.sleep(1.0)
             if name not in self.jobs:
                 return
-            await self.dispatch(name, Trigger.CATCH_UP, slot)
+            await self._dispatch_logged(name, Trigger.CATCH_UP, slot)
 
     async def _prune_history(self) -> None:
         """Delete old runs now and then, so the store stays bounded."""
@@ -312,10 +314,11 @@ class Engine:
             for label, names in (("added", added), ("changed", changed), ("removed", removed)):
                 if names:
                     log.info("configuration: %s job(s): %s", label, ", ".join(names))
-        if self.scheduler is not None:
-            self.scheduler.update(self.jobs)
+        # The store first: the scheduler writes each new job's next run into its row.
         if self.store is not None:
             self.store.sync_jobs({name: job.describe() for name, job in self.jobs.items()})
+        if self.scheduler is not None:
+            self.scheduler.update(self.jobs)
 
     def _configure_logging(self) -> None:
         package_logger = logging.getLogger("saltpeter")
@@ -359,7 +362,20 @@ class Engine:
             self.store.set_next_run(name, fire_at)
 
     def _on_fire(self, name: str, scheduled_at: datetime) -> None:
-        self._spawn(self.dispatch(name, Trigger.SCHEDULE, scheduled_at))
+        self._spawn(self._dispatch_logged(name, Trigger.SCHEDULE, scheduled_at))
+
+    async def _dispatch_logged(
+        self, name: str, trigger: Trigger, scheduled_at: datetime | None
+    ) -> None:
+        """Dispatch a slot, logging a failure instead of losing it in a task."""
+        try:
+            await self.dispatch(name, trigger, scheduled_at)
+        except Exception:
+            log.exception(
+                "job %s: dispatching the %s slot failed",
+                name,
+                scheduled_at.isoformat() if scheduled_at else "manual",
+            )
 
     async def _wait_for_minions(self) -> None:
         """Hold the first dispatch until every accepted minion returns a ping.
@@ -495,31 +511,35 @@ class Engine:
 
     def _kill_through_salt(self, run: Run, minions: list[str]) -> None:
         """Ask the execution module to kill runs whose wrapper is not connected."""
+        self._spawn(self._publish_kill_local(run, minions, orphaned_only=False))
 
-        async def publish() -> None:
-            try:
-                job = run.job or self.jobs.get(run.job_name)
-                wrapper_path = (job.wrapper_path if job else None) or (
-                    self.settings.default_wrapper_path
-                )
-                await self.bridge.publish(
-                    minions,
-                    "saltpeter.kill_local",
-                    [run.run_id],
-                    kwarg={"wrapper_path": wrapper_path},
-                )
-                log.info(
-                    "job %s run %s: kill sent through Salt to %s",
-                    run.job_name,
-                    run.run_id,
-                    ", ".join(minions),
-                )
-            except Exception as exc:
-                log.error(
-                    "job %s run %s: kill through Salt failed: %s", run.job_name, run.run_id, exc
-                )
+    def _clean_up_lost(self, run: Run, minions: list[str]) -> None:
+        """Stop what a dead wrapper left behind on minions recorded as lost.
 
-        self._spawn(publish())
+        A wrapper that is only cut off still runs and enforces the timeout, so
+        the execution module leaves it alone (``orphaned_only``).
+        """
+        self._spawn(self._publish_kill_local(run, minions, orphaned_only=True))
+
+    async def _publish_kill_local(self, run: Run, minions: list[str], orphaned_only: bool) -> None:
+        job = run.job or self.jobs.get(run.job_name)
+        wrapper_path = (job.wrapper_path if job else None) or self.settings.default_wrapper_path
+        kwarg: dict[str, Any] = {"wrapper_path": wrapper_path}
+        if orphaned_only:
+            kwarg["orphaned_only"] = True
+        try:
+            await self.bridge.publish(minions, "saltpeter.kill_local", [run.run_id], kwarg=kwarg)
+            log.info(
+                "job %s run %s: %s sent through Salt to %s",
+                run.job_name,
+                run.run_id,
+                "clean-up of orphaned processes" if orphaned_only else "kill",
+                ", ".join(minions),
+            )
+        except Exception as exc:
+            log.error(
+                "job %s run %s: kill_local through Salt failed: %s", run.job_name, run.run_id, exc
+            )
 
     async def _sweep(self) -> None:
         assert self.manager is not None

@@ -101,6 +101,7 @@ class RunManager:
         clock: Callable[[], float] = time.monotonic,
         kill_fallback: Callable[[Run, list[str]], None] | None = None,
         verify_signature: Callable[[str, bytes, str | None], bool] | None = None,
+        lost_cleanup: Callable[[Run, list[str]], None] | None = None,
     ) -> None:
         self.store = store
         self.events = events
@@ -112,6 +113,8 @@ class RunManager:
         # Checks a hello's signature against the minion's accepted Salt key.
         # None skips the check, for tests that run without Salt's keys.
         self.verify_signature = verify_signature
+        # Stops processes that a dead wrapper left on a minion recorded as lost.
+        self.lost_cleanup = lost_cleanup
         self.runs: dict[str, Run] = {}
         self.observers: list[RunObserver] = []
         self._jids: dict[str, str] = {}
@@ -612,15 +615,19 @@ class RunManager:
                     self.launch_timeout,
                     self.heartbeat_timeout,
                 )
-                if verdict is None:
+                if verdict is None and machine.connection is not None:
+                    # Only a connected wrapper can be stuck; a silent one is
+                    # handled by the heartbeat rule, with its reconnect grace.
                     verdict = overrun_verdict(
                         machine, run.timeout, utcnow(), self.heartbeat_timeout
                     )
-                    if verdict is not None and machine.connection is not None:
+                    if verdict is not None:
                         machine.connection.send_frame(protocol.encode("kill"))
                 if verdict is not None:
                     retcode, reason, note = verdict
                     self._finish(run, machine, retcode, reason, note)
+                    if reason is Reason.LOST and self.lost_cleanup is not None:
+                        self.lost_cleanup(run, [machine.machine])
 
     # -- kill ---------------------------------------------------------------
 

@@ -242,13 +242,13 @@ class CronSchedule:
         if self.years is not None and self.years[-1] < local_now.year:
             verb = "is" if len(self.years) == 1 else "are all"
             raise ScheduleError(f"{year_text} {verb} in the past", "year", year_text)
+        # The messages leave out the current time, so the same problem reads the
+        # same on every reload and is logged once.
         if self.years is not None:
             raise ScheduleError(
-                f"no time in {year_text} after {local_now.isoformat()} matches the other fields",
-                "year",
-                year_text,
+                f"no remaining time in {year_text} matches the other fields", "year", year_text
             )
-        raise ScheduleError(f"the schedule never fires after {local_now.isoformat()}")
+        raise ScheduleError("the schedule has no remaining fire time")
 
     def _next_wall_time(self, start: datetime) -> datetime | None:
         """Return the first naive wall-clock time at or after ``start`` that matches.

@@ -776,6 +776,7 @@ class Command:
         self._kill_requested_before_start = False
         self._stopper: asyncio.Task[None] | None = None
         self._stopping_group = False
+        self._leftovers_stopped = False
         self._timer: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
         self.received_job = False
@@ -981,7 +982,24 @@ class Command:
             return
         if not self._output.closed and not self._pipe_grace_over:
             return
+        if not self._leftovers_stopped and self._group_alive():
+            # The shell exited but left processes in the job's process group.
+            # The run is over, so they are stopped like on a kill; the result
+            # stays the shell's exit status.
+            self._leftovers_stopped = True
+            log.info(
+                "run %s: the command exited and left processes in group %d; stopping them",
+                self._ids.run,
+                self._pid,
+            )
+            self.stop("leftovers")
+            return
         self._output.close()
+        if self._leftovers_stopped:
+            self._outbox.push(
+                "output",
+                data="[saltpeter: stopped the processes the command left running]\n",
+            )
         self._queue_complete(self._result())
 
     def _result(self) -> Result:
@@ -1960,12 +1978,26 @@ def _wrapper_alive(record: dict[str, object]) -> bool:
 
 
 def running(statedir: str) -> list[dict[str, object]]:
-    """Return the local records of runs whose wrapper still runs, ordered by run id."""
+    """Return the local records of runs in flight on this minion, ordered by run id.
+
+    A run counts while its wrapper runs, or while processes of the run are left
+    after its wrapper died (``wrapper_alive`` is then false, and
+    ``kill-local`` stops them).
+    """
     records = []
     for path in sorted(Path(statedir).glob("*.json")):
         record = _read_record(path)
-        if record is not None and _wrapper_alive(record):
-            records.append(record)
+        if record is None:
+            continue
+        alive = _wrapper_alive(record)
+        pgid = record.get("pgid")
+        orphaned = (
+            not alive
+            and isinstance(pgid, int)
+            and bool(_group_members(pgid, str(record.get("run"))))
+        )
+        if alive or orphaned:
+            records.append({**record, "wrapper_alive": alive})
     return records
 
 
@@ -2010,9 +2042,17 @@ def _wait_group_gone(pgid: int, run_id: str, timeout: float) -> bool:
 
 
 def kill_local(
-    run_id: str, statedir: str, grace: float = DEFAULT_LOCAL_KILL_GRACE
+    run_id: str,
+    statedir: str,
+    grace: float = DEFAULT_LOCAL_KILL_GRACE,
+    orphaned_only: bool = False,
 ) -> dict[str, object]:
     """Stop a run on this minion without the engine.
+
+    With ``orphaned_only`` it acts only when the run's wrapper is gone: a live
+    wrapper enforces the job's timeout itself and may still report to the
+    engine, so it is left alone. The engine asks for this when it records a
+    minion as lost.
 
     Sends SIGTERM to the run's wrapper, which stops the command as if the
     engine had sent a `kill` (SIGTERM to the process group, SIGKILL after the
@@ -2046,6 +2086,9 @@ def kill_local(
         "forced": False,
     }
 
+    if _wrapper_alive(record) and orphaned_only:
+        result["error"] = f"the wrapper of run {run_id} still runs; it is left alone"
+        return result
     if _wrapper_alive(record):
         os.kill(int(str(record["wrapper_pid"])), signal.SIGTERM)
         result["killed"] = True
@@ -2055,6 +2098,7 @@ def kill_local(
             return result
     else:
         path.unlink(missing_ok=True)
+        Path(statedir, f"{run_id}.spool").unlink(missing_ok=True)
         if not isinstance(pgid, int) or not _group_members(pgid, run_id):
             result["error"] = f"run {run_id} is not running; removed its stale record"
             return result
@@ -2118,6 +2162,11 @@ def build_launcher_parser() -> argparse.ArgumentParser:
     )
     kill_parser.add_argument("run", help="run id")
     kill_parser.add_argument(
+        "--orphaned-only",
+        action="store_true",
+        help="act only when the run's wrapper is gone, on the processes it left",
+    )
+    kill_parser.add_argument(
         "--grace",
         type=float,
         default=DEFAULT_LOCAL_KILL_GRACE,
@@ -2160,7 +2209,9 @@ def launcher_main(arguments: list[str]) -> int:
         result = running(args.statedir)
         status = EXIT_OK
     else:
-        result = kill_local(args.run, args.statedir, grace=args.grace)
+        result = kill_local(
+            args.run, args.statedir, grace=args.grace, orphaned_only=args.orphaned_only
+        )
         status = EXIT_OK if result.get("killed") else EXIT_LAUNCHER_FAILED
     print(json.dumps(result))
     return status

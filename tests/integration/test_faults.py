@@ -223,6 +223,14 @@ def wrapper_record(sandbox: Sandbox, minion: str, run_id: str) -> dict[str, Any]
         time.sleep(0.2)
 
 
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def assert_exact_outputs(results: dict[str, Any], minions: list[str]) -> None:
     for minion in minions:
         assert results[minion]["output"] == EXPECTED_OUTPUT, minion
@@ -282,7 +290,6 @@ class TestLostMinions:
         wait_for_run(sandbox, run_id, output_has("minion-1", "line 2\n"))
         killed_at = time.time()
         os.kill(int(record["wrapper_pid"]), signal.SIGKILL)
-        os.killpg(int(record["pgid"]), signal.SIGKILL)
         _, results = wait_for_run(sandbox, run_id, finished)
         result = results["minion-1"]
         assert result["retcode"] == 253
@@ -290,6 +297,11 @@ class TestLostMinions:
         ended = datetime.fromisoformat(result["ended_at"]).timestamp()
         assert ended - killed_at < 20
         assert result_rows(sandbox, run_id) == ["minion-1"]
+        # The engine has the minion stop what the dead wrapper left running.
+        deadline = time.monotonic() + 60
+        while group_alive(int(record["pgid"])) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not group_alive(int(record["pgid"]))
 
     def test_killed_minion_host_is_lost(self, wired_sandbox: Sandbox) -> None:
         sandbox = wired_sandbox

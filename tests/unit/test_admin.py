@@ -186,3 +186,15 @@ class TestMaintenance:
     def test_empty_minion_id_rejected(self, tmp_path: Path, jobs: Path) -> None:
         with pytest.raises(ControlError, match="empty minion id"):
             admin.maintenance(master_opts(tmp_path, jobs), add="web1,,web2")
+
+
+def test_maintenance_survives_invalid_items(tmp_path: Path) -> None:
+    from saltpeter import admin
+
+    (tmp_path / "bad.yaml").write_text("saltpeter_maintenance:\n  machines: [{a: 1}, 5, web1]\n")
+    opts = {"engines": [{"saltpeter": {"config_dir": str(tmp_path)}}], "cachedir": str(tmp_path)}
+    # The engine rejects the invalid section, so nothing is under maintenance.
+    assert admin.maintenance(opts)["machines"] == []
+    changed = admin.maintenance(opts, add="db1")
+    assert changed["machines"] == ["db1"]
+    assert changed["file_machines"] == ["db1"]

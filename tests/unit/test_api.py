@@ -562,7 +562,7 @@ class TestRequestBodies:
         [
             (b"", "empty"),
             (b"{not json", "not valid JSON"),
-            (b'["lines"]', "not an object"),
+            (b'["lines"]', "is an array, not a JSON object"),
             (b'{"name": "lines"}', "no 'job' key"),
             (b'{"job": 5}', "not a string"),
         ],
@@ -1028,7 +1028,7 @@ class TestWebSocketMessages:
         ("message", "fragment"),
         [
             ("{not json", "not valid JSON"),
-            ('["lines"]', "JSON list"),
+            ('["lines"]', "is an array"),
             ('{"subscribe": 5}', "subscribe takes"),
             ('{"unsubscribe": {"a": 1}}', "unsubscribe takes"),
             ('{"subscribe": "nope"}', "unknown job(s): nope"),

@@ -373,7 +373,7 @@ class TestScheduleValidation:
         write_yaml(tmp_path, "db.yaml", {"backup": job(year="2026", mon="1")})
         error = only_error(load(tmp_path))
         assert error.message == (
-            "no time in 2026 after 2026-12-04T20:00:00+00:00 matches the other fields"
+            "no remaining time in 2026 matches the other fields"
         )
 
     @pytest.mark.parametrize("missing", ["min", "hour", "dom", "mon", "dow"])
@@ -1472,3 +1472,50 @@ class TestTlsAndHistorySettings:
         (tmp_path / "c.yaml").write_text("saltpeter_config:\n  history_days: 0\n")
         errors = [str(error) for error in load_directory(tmp_path).errors]
         assert "0 is invalid: must be more than 0" in errors[0]
+
+
+class TestBounds:
+    def errors(self, tmp_path: Path, definition: object, name: str = "backup") -> list[str]:
+        (tmp_path / "db.yaml").write_text(yaml.safe_dump({name: definition}))
+        return [str(error) for error in load_directory(tmp_path).errors]
+
+    def test_huge_timeout(self, tmp_path: Path) -> None:
+        errors = self.errors(tmp_path, job(timeout=10**23))
+        assert len(errors) == 1
+        assert "field 'timeout'" in errors[0]
+        assert "must be at most 315360000 (10 years)" in errors[0]
+
+    def test_long_command(self, tmp_path: Path) -> None:
+        errors = self.errors(tmp_path, job(command="x" * (300 * 1024)))
+        assert "field 'command': the command is 307200 bytes" in errors[0]
+
+    def test_long_job_name(self, tmp_path: Path) -> None:
+        errors = self.errors(tmp_path, job(), name="j" * 150)
+        assert "is 150 characters long; at most 100 are allowed" in errors[0]
+
+    def test_every_env_problem_is_named(self, tmp_path: Path) -> None:
+        env = {"D": {"x": 1}, "E": None, "F=G": "1", "OK": "fine"}
+        errors = self.errors(tmp_path, job(env=env))
+        assert len(errors) == 1
+        assert "the value of D is a mapping" in errors[0]
+        assert "The value of E is null" in errors[0]
+        assert "'F=G' is invalid" in errors[0]
+        assert "fine" not in errors[0]
+
+    def test_env_value_too_big(self, tmp_path: Path) -> None:
+        errors = self.errors(tmp_path, job(env={"BIG": "v" * (129 * 1024)}))
+        assert "the value of BIG is 132096 bytes" in errors[0]
+
+    def test_utc_must_be_boolean_even_with_timezone(self, tmp_path: Path) -> None:
+        errors = self.errors(tmp_path, job(utc="banana", timezone="UTC"))
+        assert "field 'utc': 'banana' is invalid: expected true or false" in errors[0]
+
+    def test_catch_up_limit_bound(self, tmp_path: Path) -> None:
+        errors = self.errors(tmp_path, job(catch_up_limit=5000))
+        assert "field 'catch_up_limit'" in errors[0]
+
+
+def test_yaml_error_names_where_the_quote_opened(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("backup:\n  min: '0\n  hour: 2\n\n")
+    errors = [str(error) for error in load_directory(tmp_path).errors]
+    assert "while scanning a quoted scalar at line 2" in errors[0]

@@ -21,6 +21,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from salt.exceptions import CommandExecutionError
 from wrapper_peer import (
     MACHINE_ID,
@@ -196,6 +198,7 @@ class TestRunning:
         records = minion.running(str(run.statedir))
         assert len(records) == 1
         assert records[0]["run"] == run.run_id
+        assert records[0]["wrapper_alive"] is True
         assert records[0]["wrapper_pid"] == run.pid
         assert records[0]["pid"] == start["pid"]
         peer.wait_complete()
@@ -217,6 +220,39 @@ class TestRunning:
 
     def test_missing_statedir_lists_nothing(self, tmp_path: Path) -> None:
         assert minion.running(str(tmp_path / "absent")) == []
+
+
+class TestOrphans:
+    def test_dead_wrappers_processes_are_listed(
+        self, peer: ScriptedPeer, run: WrapperProcess
+    ) -> None:
+        peer.job = job("sleep 30")
+        run.start()
+        peer.wait_start()
+        assert run.pid is not None
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait_exit()
+        records = minion.running(str(run.statedir))
+        assert [record["run"] for record in records] == [run.run_id]
+        assert records[0]["wrapper_alive"] is False
+        result = minion.kill_local(run.run_id, str(run.statedir), orphaned_only=True)
+        assert result["killed"] is True
+        assert job_processes(run.run_id) == []
+        assert minion.running(str(run.statedir)) == []
+
+    def test_orphaned_only_leaves_live_wrapper(
+        self, peer: ScriptedPeer, run: WrapperProcess
+    ) -> None:
+        peer.job = job("sleep 30", kill_grace=1)
+        run.start()
+        peer.wait_start()
+        result = minion.kill_local(run.run_id, str(run.statedir), orphaned_only=True)
+        assert result["killed"] is False
+        assert "still runs" in str(result["error"])
+        assert job_processes(run.run_id) != []
+        assert minion.running(str(run.statedir))[0]["wrapper_alive"] is True
+        minion.kill_local(run.run_id, str(run.statedir))
+        assert peer.wait_complete()["retcode"] == 143
 
 
 class TestKillLocal:
@@ -396,8 +432,20 @@ def module(tmp_path: Path) -> ModuleType:
     assert spec.loader is not None
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
+    # A minion's own key pair, which the wrapper signs the run credential with.
+    pki_dir = tmp_path / "pki"
+    pki_dir.mkdir()
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (pki_dir / "minion.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
     loaded.__opts__ = {  # type: ignore[attr-defined]
         "id": MACHINE_ID,
+        "pki_dir": str(pki_dir),
         "saltpeter_statedir": str(tmp_path / "state"),
         "saltpeter_wrapper_path": WRAPPER_PATH,
     }

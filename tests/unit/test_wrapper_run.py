@@ -308,18 +308,34 @@ class TestExitStatus:
         assert complete is not None
         assert datetime.fromisoformat(complete["time"]).utcoffset() == timedelta(0)
 
+    LEFTOVER_NOTE = "[saltpeter: stopped the processes the command left running]\n"
+
     def test_background_child_holding_pipe(self, peer: ScriptedPeer, run: WrapperProcess) -> None:
-        # The wrapper completes 5 s after the shell exits and leaves the child running.
+        # 5 s after the shell exits the wrapper stops the child that holds the pipe.
         output = run_to_completion(peer, run, "sleep 30 & echo started")
         complete = peer.complete()
         assert complete is not None
         assert complete["retcode"] == 0
-        assert output == "started\n"
-        assert len(run.job_processes()) == 1
+        assert output == "started\n" + self.LEFTOVER_NOTE
+        assert run.job_processes() == []
 
     def test_background_child_without_pipe(self, peer: ScriptedPeer, run: WrapperProcess) -> None:
         output = run_to_completion(peer, run, "sleep 30 >/dev/null 2>&1 & echo started")
-        assert output == "started\n"
+        assert output == "started\n" + self.LEFTOVER_NOTE
+        assert run.job_processes() == []
+
+    def test_leftover_ignoring_sigterm_is_killed(
+        self, peer: ScriptedPeer, run: WrapperProcess
+    ) -> None:
+        command = "(trap '' TERM; sleep 60) >/dev/null 2>&1 & exit 3"
+        run_to_completion(peer, run, command)
+        complete = peer.complete()
+        assert complete is not None
+        assert complete["retcode"] == 3
+        assert run.job_processes() == []
+
+    def test_no_note_without_leftovers(self, peer: ScriptedPeer, run: WrapperProcess) -> None:
+        assert run_to_completion(peer, run, "echo alone") == "alone\n"
 
 
 class TestUserAndEnvironment:
