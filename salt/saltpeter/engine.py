@@ -92,6 +92,8 @@ class Engine:
         self._ping_waiters: dict[str, set[str]] = {}
         self._dispatching: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Next fire times not yet written to the store; see _on_next_fire.
+        self._next_runs: dict[str, datetime | None] = {}
         self._log_handler: logging.Handler | None = None
         self.store: RunStore | None = None
         self.manager: RunManager | None = None
@@ -358,8 +360,20 @@ class Engine:
     # -- scheduling and dispatch --------------------------------------------
 
     def _on_next_fire(self, name: str, fire_at: datetime | None) -> None:
-        if self.store is not None:
-            self.store.set_next_run(name, fire_at)
+        # Written in one transaction once the scheduler yields, so that jobs
+        # due at the same instant do not wait for one store write each.
+        if not self._next_runs:
+            asyncio.get_running_loop().call_soon(self._write_next_runs)
+        self._next_runs[name] = fire_at
+
+    def _write_next_runs(self) -> None:
+        pending, self._next_runs = self._next_runs, {}
+        if self.store is None:
+            return
+        try:
+            self.store.set_next_runs(pending)
+        except sqlite3.Error:
+            log.exception("storing the next fire times of %d job(s) failed", len(pending))
 
     def _on_fire(self, name: str, scheduled_at: datetime) -> None:
         self._spawn(self._dispatch_logged(name, Trigger.SCHEDULE, scheduled_at))

@@ -16,6 +16,7 @@ import concurrent.futures
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -46,6 +47,12 @@ class SaltBridge:
         self._publisher: salt.utils.event.MasterEvent | None = None
         self._outbox: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
         self.minion_keys = MinionKeys(opts)
+        # Resolutions in progress, by (targets, target_type): jobs due at the same
+        # instant with the same target share one trip to the thread pool.
+        self._resolving: dict[tuple[str, str], asyncio.Future[list[str]]] = {}
+        # One CkMinions per pool thread. Creating one per call loads Salt's cache
+        # module again each time (about 1.5 ms with Salt 3008.4).
+        self._checkers = threading.local()
         self._sender: asyncio.Task[None] | None = None
 
     async def start(self, on_event: EventHandler) -> None:
@@ -122,14 +129,27 @@ class SaltBridge:
         return salt.utils.jid.gen_jid({"unique_jid": True})
 
     async def resolve_targets(self, targets: str, target_type: str) -> list[str]:
-        """Return the accepted minions that ``targets`` matches, using the master's caches."""
+        """Return the accepted minions that ``targets`` matches, using the master's caches.
 
-        def check() -> list[str]:
-            checker = salt.utils.minions.CkMinions(self.opts)
-            result = checker.check_minions(targets, tgt_type=target_type)
-            return sorted(result.get("minions", []))
+        Calls for the same target while one is in progress wait for that one's result.
+        """
+        key = (targets, target_type)
+        pending = self._resolving.get(key)
+        if pending is None:
+            pending = asyncio.get_running_loop().run_in_executor(
+                self.executor, self._check_minions, targets, target_type
+            )
+            self._resolving[key] = pending
+            pending.add_done_callback(lambda _: self._resolving.pop(key, None))
+        # A copy, so that no caller can change the list the others receive.
+        return list(await asyncio.shield(pending))
 
-        return await asyncio.get_running_loop().run_in_executor(self.executor, check)
+    def _check_minions(self, targets: str, target_type: str) -> list[str]:
+        checker = getattr(self._checkers, "checker", None)
+        if checker is None:
+            checker = self._checkers.checker = salt.utils.minions.CkMinions(self.opts)
+        result = checker.check_minions(targets, tgt_type=target_type)
+        return sorted(result.get("minions", []))
 
     async def accepted_minions(self) -> list[str]:
         def listing() -> list[str]:

@@ -31,6 +31,11 @@ MAX_SLEEP_SECONDS = 30.0
 # A fire later than this has missed its slot's neighbours too: the scheduler
 # skips forward instead of firing every slot it slept through.
 CATCH_UP_SLACK = timedelta(seconds=1)
+# asyncio's epoll wait rounds its timeout up to whole milliseconds, so a timed
+# sleep ends up to about 1 ms late (CPython 3.11 selectors.EpollSelector). The
+# loop sleeps until this long before a fire time and yields to other callbacks
+# for the rest of the way.
+WAKE_EARLY_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -128,11 +133,13 @@ class Scheduler:
                 except Exception:
                     log.exception("job %s: firing the %s slot failed", name, fire_at.isoformat())
             delay = min(self.seconds_until_next(self.clock()), MAX_SLEEP_SECONDS)
-            if delay > 0:
+            if delay > WAKE_EARLY_SECONDS:
                 log.debug("scheduler: sleeping %.3f s until the next fire time", delay)
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                    await asyncio.wait_for(self._wake.wait(), timeout=delay - WAKE_EARLY_SECONDS)
+            elif delay > 0:
+                await asyncio.sleep(0)
 
 
 def _same_schedule(old: Job, new: Job) -> bool:

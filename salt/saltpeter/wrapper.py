@@ -376,6 +376,8 @@ class Spool:
         self._memory_bytes = 0
         self._read_offset = 0
         self._write_offset = 0
+        # Length of each entry in the file, oldest first, so a pop reads it in one call.
+        self._file_lines: collections.deque[int] = collections.deque()
         self._file: Any = None
         if path is not None:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -396,6 +398,7 @@ class Spool:
                 self._file.seek(self._write_offset)
                 self._file.write(line)
                 self._write_offset += len(line)
+                self._file_lines.append(len(line))
                 return
             except OSError as exc:
                 log.error("cannot spool output to %s: %s; pausing output", self.path, exc)
@@ -413,19 +416,15 @@ class Spool:
 
     def _pop_line(self) -> bytes | None:
         if self._read_offset < self._write_offset:
-            self._file.seek(self._read_offset)
-            line = b""
-            # Entries are at most a few hundred KiB, so reading them whole is fine.
-            while not line.endswith(b"\n"):
-                chunk = self._file.readline()
-                if not chunk:
-                    break
-                line += chunk
+            # readline() on this unbuffered file reads one byte per system call,
+            # so the entry is read whole, at the length recorded when it was written.
+            line = os.pread(self._file.fileno(), self._file_lines.popleft(), self._read_offset)
             self._read_offset += len(line)
             if self._read_offset >= self._write_offset:
                 # The file is empty again: start over at its beginning.
                 self._file.truncate(0)
                 self._read_offset = self._write_offset = 0
+                self._file_lines.clear()
             return line
         if self._memory:
             line = self._memory.popleft()
