@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import os
 import sqlite3
@@ -24,7 +25,7 @@ from typing import Any
 from saltpeter import server
 from saltpeter.catchup import plan_catch_up
 from saltpeter.config import ConfigLoader, ConfigSnapshot, Job, Maintenance, Settings
-from saltpeter.manager import RunManager
+from saltpeter.manager import RunManager, launch_targets, maintenance_targets
 from saltpeter.metrics import Metrics
 from saltpeter.runs import Run, SkipReason, Trigger, utcnow
 from saltpeter.saltbridge import SaltBridge, parse_return_tag
@@ -34,6 +35,9 @@ from saltpeter.store import RunStore
 
 log = logging.getLogger(__name__)
 
+# A request to start a run: job name, what started it, and its slot (None for manual runs).
+DispatchRequest = tuple[str, Trigger, datetime | None]
+
 DEFAULT_CONFIG_DIR = "/etc/saltpeter"
 REQUEST_PREFIX = "saltpeter/request/"
 REPLY_PREFIX = "saltpeter/reply/"
@@ -42,6 +46,11 @@ SWEEP_SECONDS = 1.0
 PING_ROUND_SECONDS = 5.0
 LOG_FILE_NAME = "saltpeter.log"
 PRUNE_INTERVAL_SECONDS = 3600.0
+# Jobs taken into the store and the scheduler between two turns of the event
+# loop when the configuration is reloaded (a few milliseconds of work).
+APPLY_SLICE = 100
+# Seconds between the scheduler computing next fire times and storing them.
+NEXT_RUN_WRITE_DELAY = 0.2
 
 
 def default_store_path(opts: Mapping[str, Any]) -> Path:
@@ -91,6 +100,7 @@ class Engine:
         self._ready = asyncio.Event()
         self._ping_waiters: dict[str, set[str]] = {}
         self._dispatching: set[str] = set()
+        self._due: list[DispatchRequest] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         # Next fire times not yet written to the store; see _on_next_fire.
         self._next_runs: dict[str, datetime | None] = {}
@@ -104,7 +114,8 @@ class Engine:
 
     async def run(self) -> None:
         snapshot = self.loader.load()
-        self._apply_snapshot(snapshot, first=True)
+        self._apply_settings(snapshot, first=True)
+        self.jobs = dict(snapshot.jobs)
         log.info(
             "saltpeter engine starting: %d job(s) from %s, store %s",
             len(self.jobs),
@@ -112,16 +123,7 @@ class Engine:
             self.store_path,
         )
         self.store = RunStore(self.store_path, max_output_bytes=self.settings.max_output_bytes)
-        self.manager = RunManager(
-            self.store,
-            self.bridge,
-            job_lookup=self.jobs.get,
-            launch_timeout=self.settings.launch_timeout,
-            heartbeat_timeout=self.settings.heartbeat_timeout,
-            kill_fallback=self._kill_through_salt,
-            verify_signature=self.bridge.verify_minion_signature,
-            lost_cleanup=self._clean_up_lost,
-        )
+        self.manager = self._new_manager(self.store)
         self.manager.observers.append(self.metrics)
         self.metrics.track(
             runs_in_flight=lambda: len(self.manager.runs) if self.manager else 0,
@@ -165,6 +167,7 @@ class Engine:
         self._catch_up(utcnow())
         self.scheduler = Scheduler(self._on_fire, on_next=self._on_next_fire)
         self.scheduler.update(self.jobs)
+        _freeze_long_lived(full=True)
         try:
             await asyncio.gather(
                 self.scheduler.run(),
@@ -251,6 +254,19 @@ class Engine:
                     )
             await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
 
+    def _new_manager(self, store: RunStore) -> RunManager:
+        return RunManager(
+            store,
+            self.bridge,
+            # Looked up at call time: a reload replaces self.jobs.
+            job_lookup=lambda name: self.jobs.get(name),
+            launch_timeout=self.settings.launch_timeout,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
+            kill_fallback=self._kill_through_salt,
+            verify_signature=self.bridge.verify_minion_signature,
+            lost_cleanup=self._clean_up_lost,
+        )
+
     @property
     def ready(self) -> bool:
         """Whether the start-up wait for minions is over and runs are dispatched."""
@@ -278,7 +294,8 @@ class Engine:
 
     # -- configuration ------------------------------------------------------
 
-    def _apply_snapshot(self, snapshot: ConfigSnapshot, first: bool = False) -> None:
+    def _apply_settings(self, snapshot: ConfigSnapshot, first: bool = False) -> None:
+        """Report configuration problems and take the settings and maintenance state."""
         errors = {str(error) for error in snapshot.errors}
         for message in sorted(errors - self._reported_errors):
             log.error("configuration: %s", message)
@@ -304,23 +321,42 @@ class Engine:
             self.manager.launch_timeout = self.settings.launch_timeout
             self.manager.heartbeat_timeout = self.settings.heartbeat_timeout
 
-        added = sorted(set(snapshot.jobs) - set(self.jobs))
-        removed = sorted(set(self.jobs) - set(snapshot.jobs))
-        changed = sorted(
-            name
-            for name in set(snapshot.jobs) & set(self.jobs)
-            if snapshot.jobs[name] != self.jobs[name]
-        )
-        self.jobs = dict(snapshot.jobs)
-        if not first:
-            for label, names in (("added", added), ("changed", changed), ("removed", removed)):
-                if names:
-                    log.info("configuration: %s job(s): %s", label, ", ".join(names))
-        # The store first: the scheduler writes each new job's next run into its row.
-        if self.store is not None:
-            self.store.sync_jobs({name: job.describe() for name, job in self.jobs.items()})
-        if self.scheduler is not None:
-            self.scheduler.update(self.jobs)
+    async def _apply_jobs(self, jobs: Mapping[str, Job]) -> None:
+        """Take reloaded job definitions into the store and the scheduler.
+
+        The work is done APPLY_SLICE jobs at a time, giving the event loop
+        back between slices, so that jobs due meanwhile are dispatched on
+        time even when thousands of definitions changed. Until its slice is
+        reached, a job keeps its old fire time.
+        """
+        assert self.store is not None and self.scheduler is not None
+        previous = self.jobs
+        self.jobs = dict(jobs)
+        removed = sorted(set(previous) - set(jobs))
+        self.store.update_jobs({}, removed)
+        self.scheduler.remove(removed)
+        added: list[str] = []
+        changed: list[str] = []
+        names = list(jobs)
+        for start in range(0, len(names), APPLY_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            fresh = {}
+            for name in names[start : start + APPLY_SLICE]:
+                old = previous.get(name)
+                if old is None:
+                    added.append(name)
+                elif old != jobs[name]:
+                    changed.append(name)
+                else:
+                    continue
+                fresh[name] = jobs[name]
+            self.store.update_jobs({name: job.describe() for name, job in fresh.items()})
+            self.scheduler.put(fresh)
+        for label, listed in (("added", added), ("changed", changed), ("removed", removed)):
+            if listed:
+                log.info("configuration: %s job(s): %s", label, ", ".join(sorted(listed)))
+        _freeze_long_lived()
 
     def _configure_logging(self) -> None:
         package_logger = logging.getLogger("saltpeter")
@@ -355,15 +391,16 @@ class Engine:
             except Exception:
                 log.exception("configuration: reloading %s failed", self.config_dir)
                 continue
-            self._apply_snapshot(snapshot)
+            self._apply_settings(snapshot)
+            await self._apply_jobs(snapshot.jobs)
 
     # -- scheduling and dispatch --------------------------------------------
 
     def _on_next_fire(self, name: str, fire_at: datetime | None) -> None:
-        # Written in one transaction once the scheduler yields, so that jobs
-        # due at the same instant do not wait for one store write each.
+        # Written in one transaction a moment later, so that the jobs due at
+        # one instant are dispatched first and do not wait for the write.
         if not self._next_runs:
-            asyncio.get_running_loop().call_soon(self._write_next_runs)
+            asyncio.get_running_loop().call_later(NEXT_RUN_WRITE_DELAY, self._write_next_runs)
         self._next_runs[name] = fire_at
 
     def _write_next_runs(self) -> None:
@@ -376,19 +413,28 @@ class Engine:
             log.exception("storing the next fire times of %d job(s) failed", len(pending))
 
     def _on_fire(self, name: str, scheduled_at: datetime) -> None:
-        self._spawn(self._dispatch_logged(name, Trigger.SCHEDULE, scheduled_at))
+        # The scheduler fires every slot due at once in one go; they are
+        # collected here and dispatched together, so that a second with a
+        # thousand due jobs costs one store transaction, not a thousand.
+        if not self._due:
+            asyncio.get_running_loop().call_soon(self._dispatch_due)
+        self._due.append((name, Trigger.SCHEDULE, scheduled_at))
 
-    async def _dispatch_logged(
-        self, name: str, trigger: Trigger, scheduled_at: datetime | None
-    ) -> None:
-        """Dispatch a slot, logging a failure instead of losing it in a task."""
+    def _dispatch_due(self) -> None:
+        due, self._due = self._due, []
+        self._spawn(self._dispatch_logged(due))
+
+    async def _dispatch_logged(self, requests: list[DispatchRequest]) -> None:
+        """Dispatch slots, logging a failure instead of losing it in a task."""
         try:
-            await self.dispatch(name, trigger, scheduled_at)
+            await self.dispatch_many(requests)
         except Exception:
             log.exception(
-                "job %s: dispatching the %s slot failed",
-                name,
-                scheduled_at.isoformat() if scheduled_at else "manual",
+                "dispatching %s failed",
+                ", ".join(
+                    f"job {name} slot {scheduled_at.isoformat() if scheduled_at else 'manual'}"
+                    for name, _, scheduled_at in requests
+                ),
             )
 
     async def _wait_for_minions(self) -> None:
@@ -437,61 +483,130 @@ class Engine:
 
         Returns ``started`` and either the run id and targets or the skip reason.
         """
+        return (await self.dispatch_many([(name, trigger, scheduled_at)]))[0]
+
+    async def dispatch_many(self, requests: list[DispatchRequest]) -> list[dict[str, Any]]:
+        """Start a run for each (job, trigger, slot), as :meth:`dispatch` does for one.
+
+        Everything before the publish is done for all requests together:
+        the slot check, target resolution (once per distinct target), and
+        storing the new runs in one transaction. Then each launch is handed
+        to Salt, and this returns when every publish has been answered.
+        """
         await self._ready.wait()
         assert self.manager is not None and self.store is not None
         manager = self.manager
-        job = self.jobs.get(name)
-        if job is None:
-            return {"started": False, "reason": "unknown_job"}
-        if scheduled_at is not None and self.store.slot_taken(name, scheduled_at):
-            log.warning("job %s: the %s slot already has a run", name, scheduled_at.isoformat())
-            return {"started": False, "reason": "slot_taken"}
-        if self.maintenance.global_:
-            manager.record_skip(name, trigger, scheduled_at, SkipReason.MAINTENANCE)
-            return {"started": False, "reason": SkipReason.MAINTENANCE.value}
-        if not job.allow_overlap and (manager.running(name) or name in self._dispatching):
-            manager.record_skip(name, trigger, scheduled_at, SkipReason.OVERLAP)
-            running = [run.run_id for run in manager.running(name)]
-            return {"started": False, "reason": SkipReason.OVERLAP.value, "running": running}
-
-        self._dispatching.add(name)
+        results: list[dict[str, Any]] = [{} for _ in requests]
+        taken = self.store.slots_taken(
+            (name, scheduled_at) for name, _, scheduled_at in requests if scheduled_at is not None
+        )
+        busy = {run.job_name for run in manager.runs.values()} | self._dispatching
+        accepted: list[tuple[int, Job, Trigger, datetime | None]] = []
+        for index, (name, trigger, scheduled_at) in enumerate(requests):
+            job = self.jobs.get(name)
+            if job is None:
+                results[index] = {"started": False, "reason": "unknown_job"}
+            elif scheduled_at is not None and (name, scheduled_at) in taken:
+                log.warning("job %s: the %s slot already has a run", name, scheduled_at.isoformat())
+                results[index] = {"started": False, "reason": "slot_taken"}
+            elif self.maintenance.global_:
+                manager.record_skip(name, trigger, scheduled_at, SkipReason.MAINTENANCE)
+                results[index] = {"started": False, "reason": SkipReason.MAINTENANCE.value}
+            elif not job.allow_overlap and name in busy:
+                manager.record_skip(name, trigger, scheduled_at, SkipReason.OVERLAP)
+                running = [run.run_id for run in manager.running(name)]
+                results[index] = {
+                    "started": False,
+                    "reason": SkipReason.OVERLAP.value,
+                    "running": running,
+                }
+            else:
+                busy.add(name)
+                accepted.append((index, job, trigger, scheduled_at))
+        claimed = {job.name for _, job, _, _ in accepted}
+        self._dispatching |= claimed
         try:
-            return await self._launch(job, trigger, scheduled_at)
+            launches = await self._start_runs(accepted, results)
         finally:
-            self._dispatching.discard(name)
+            self._dispatching -= claimed
+        await asyncio.gather(*(self._publish_launch(run, token) for run, token in launches))
+        return results
 
-    async def _launch(
-        self, job: Job, trigger: Trigger, scheduled_at: datetime | None
-    ) -> dict[str, Any]:
+    async def _start_runs(
+        self,
+        accepted: list[tuple[int, Job, Trigger, datetime | None]],
+        results: list[dict[str, Any]],
+    ) -> list[tuple[Run, str]]:
+        """Resolve targets and store the runs of ``accepted``; fill in their results."""
         assert self.manager is not None
         manager = self.manager
+        # Jobs with the same target share one resolution.
+        wanted: dict[tuple[str, str], list[str]] = {}
+        for _, job, _, _ in accepted:
+            wanted.setdefault((job.targets, job.target_type), []).append(job.name)
+        found = await asyncio.gather(*(self._resolve(key, names) for key, names in wanted.items()))
+        resolved = dict(zip(wanted, found, strict=True))
+        matches = [resolved[job.targets, job.target_type] for _, job, _, _ in accepted]
+        now = utcnow()
+        run_ids = manager.new_run_ids(
+            (job.name, scheduled_at or now) for _, job, _, scheduled_at in accepted
+        )
+        made: dict[str, tuple[int, str]] = {}
+        runs: list[Run] = []
+        for (index, job, trigger, scheduled_at), matched, run_id in zip(
+            accepted, matches, run_ids, strict=True
+        ):
+            under_maintenance = [m for m in matched if m in self.maintenance.machines]
+            targets = [m for m in matched if m not in self.maintenance.machines]
+            if not targets:
+                reason = SkipReason.MAINTENANCE if under_maintenance else SkipReason.NO_TARGETS
+                manager.record_skip(job.name, trigger, scheduled_at, reason)
+                results[index] = {"started": False, "reason": reason.value}
+                continue
+            run, token = manager.new_run(
+                run_id,
+                job,
+                trigger,
+                scheduled_at,
+                targets,
+                under_maintenance,
+                self.bridge.new_jid(),
+            )
+            runs.append(run)
+            made[run.run_id] = (index, token)
+            results[index] = {"started": False, "reason": "slot_taken"}
+        launches = []
+        for run in manager.start_runs(runs):
+            index, token = made[run.run_id]
+            results[index] = {
+                "started": True,
+                "run_id": run.run_id,
+                "targets": launch_targets(run),
+                "maintenance": maintenance_targets(run),
+            }
+            launches.append((run, token))
+        return launches
+
+    async def _resolve(self, key: tuple[str, str], jobs: list[str]) -> list[str]:
+        """Return the minions that target ``key`` (targets, type) of ``jobs`` matches."""
+        targets, target_type = key
         try:
-            matched = await self.bridge.resolve_targets(job.targets, job.target_type)
+            return await self.bridge.resolve_targets(targets, target_type)
         except Exception as exc:
             log.error(
                 "job %s: resolving targets %r (%s) failed: %s",
-                job.name,
-                job.targets,
-                job.target_type,
+                ", ".join(jobs),
+                targets,
+                target_type,
                 exc,
             )
-            matched = []
-        under_maintenance = [minion for minion in matched if minion in self.maintenance.machines]
-        targets = [minion for minion in matched if minion not in self.maintenance.machines]
-        if not targets:
-            reason = SkipReason.MAINTENANCE if under_maintenance else SkipReason.NO_TARGETS
-            manager.record_skip(job.name, trigger, scheduled_at, reason)
-            return {"started": False, "reason": reason.value}
+            return []
 
-        jid = self.bridge.new_jid()
-        try:
-            run, token = manager.start_run(
-                job, trigger, scheduled_at, targets, under_maintenance, jid
-            )
-        except sqlite3.IntegrityError:
-            log.warning("job %s: the %s slot already has a run", job.name, scheduled_at)
-            return {"started": False, "reason": "slot_taken"}
-
+    async def _publish_launch(self, run: Run, token: str) -> None:
+        """Hand a stored run's launch to Salt; record 255 on its minions if that fails."""
+        assert self.manager is not None and run.job is not None
+        job = run.job
+        targets = launch_targets(run)
         kwarg = {
             "wrapper_path": job.wrapper_path or self.settings.default_wrapper_path,
             "loglevel": job.wrapper_loglevel or self.settings.default_wrapper_loglevel,
@@ -500,10 +615,11 @@ class Engine:
         if self.settings.machines_ws_cafile:
             # Only when set, so minions with an older execution module still launch.
             kwarg["cafile"] = self.settings.machines_ws_cafile
-        if scheduled_at is not None:
+        if run.scheduled_at is not None:
             # Lateness is measured when the launch is handed to Salt, so it
-            # covers the scheduler and target resolution but not the publish.
-            lateness = (utcnow() - scheduled_at).total_seconds()
+            # covers the scheduler, target resolution and storing the run,
+            # but not the publish.
+            lateness = (utcnow() - run.scheduled_at).total_seconds()
             self.metrics.dispatch_lateness.observe(max(0.0, lateness))
         try:
             await self.bridge.publish(
@@ -511,17 +627,20 @@ class Engine:
                 "saltpeter.launch",
                 [run.run_id, job.name, self.settings.wrapper_url(), token],
                 kwarg=kwarg,
-                jid=jid,
+                jid=run.jid or "",
             )
         except Exception as exc:
             log.error("job %s run %s: publishing the launch failed: %s", job.name, run.run_id, exc)
-            manager.publish_failed(run, str(exc))
-        return {
-            "started": True,
-            "run_id": run.run_id,
-            "targets": targets,
-            "maintenance": under_maintenance,
-        }
+            self.manager.publish_failed(run, str(exc))
+            return
+        log.info(
+            "job %s run %s: launched on %d minion(s): %s (Salt job %s)",
+            job.name,
+            run.run_id,
+            len(targets),
+            ", ".join(targets),
+            run.jid,
+        )
 
     def _kill_through_salt(self, run: Run, minions: list[str]) -> None:
         """Ask the execution module to kill runs whose wrapper is not connected."""
@@ -635,6 +754,24 @@ class UnknownJobError(RequestError):
 
 class NothingRunningError(RequestError):
     """A kill request for a job with no run in flight."""
+
+
+def _freeze_long_lived(full: bool = False) -> None:
+    """Leave the objects alive now out of Python's cyclic garbage collection.
+
+    They are mostly the job definitions and the modules of Salt and Tornado,
+    which live as long as the process. A full collection walks every tracked
+    object: with 10,000 jobs that is about 50 ms on the event loop, at
+    whichever allocation triggers it, such as in the middle of dispatching
+    the jobs due in one second. Frozen objects are still freed when nothing
+    refers to them any more; only reference cycles among them stay, so
+    garbage is collected first: all of it at start-up, and the young
+    generations (cheap) after a reload, when a full pass would hold up the
+    jobs due meanwhile. The engine runs in a process of its own, so this
+    touches nothing else.
+    """
+    gc.collect(2 if full else 1)
+    gc.freeze()
 
 
 def unknown_job_message(name: object, jobs: Mapping[str, object]) -> str:

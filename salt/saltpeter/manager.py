@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -149,12 +150,30 @@ class RunManager:
         return [run for run in self.runs.values() if run.job_name == job_name]
 
     def new_run_id(self, job_name: str, instant: datetime) -> str:
-        base = f"{job_name}_{int(instant.timestamp())}"
-        run_id, counter = base, 1
-        while run_id in self.runs or self.store.run_id_taken(run_id):
-            counter += 1
-            run_id = f"{base}_{counter}"
-        return run_id
+        return self.new_run_ids([(job_name, instant)])[0]
+
+    def new_run_ids(self, requests: Iterable[tuple[str, datetime]]) -> list[str]:
+        """Return a run id for each (job, instant), unique among stored runs,
+        runs in flight and the other ids of this call.
+
+        The id is ``JOB_EPOCHSECONDS``, with ``_2``, ``_3``... when taken.
+        """
+        bases = [f"{name}_{int(instant.timestamp())}" for name, instant in requests]
+        stored = self.store.run_ids_taken(bases)
+        given: set[str] = set()
+        ids = []
+        for base in bases:
+            run_id, counter = base, 1
+            while (
+                run_id in given
+                or run_id in self.runs
+                or (run_id in stored if counter == 1 else self.store.run_id_taken(run_id))
+            ):
+                counter += 1
+                run_id = f"{base}_{counter}"
+            given.add(run_id)
+            ids.append(run_id)
+        return ids
 
     def record_missed(self, job_name: str, scheduled_at: datetime) -> None:
         """Record and announce a slot that passed while the engine was down."""
@@ -201,59 +220,100 @@ class RunManager:
         maintenance: Iterable[str],
         jid: str,
     ) -> tuple[Run, str]:
-        """Create and store a run; return it with its token.
+        """Create, store and announce a run; return it with its token.
 
         Raises sqlite3.IntegrityError when the slot already has a run.
         """
-        now = utcnow()
-        targets = sorted(targets)
-        maintenance = sorted(maintenance)
+        run_id = self.new_run_id(job.name, scheduled_at or utcnow())
+        run, token = self.new_run(run_id, job, trigger, scheduled_at, targets, maintenance, jid)
+        if not self.start_runs([run]):
+            raise sqlite3.IntegrityError(
+                f"job {job.name}: the {isoformat(scheduled_at)} slot already has a run"
+            )
+        return run, token
+
+    def new_run(
+        self,
+        run_id: str,
+        job: Job,
+        trigger: Trigger,
+        scheduled_at: datetime | None,
+        targets: Iterable[str],
+        maintenance: Iterable[str],
+        jid: str,
+    ) -> tuple[Run, str]:
+        """Build a run and the token its wrappers present; nothing is stored yet."""
         token = secrets.token_urlsafe(32)
         run = Run(
-            run_id=self.new_run_id(job.name, scheduled_at or now),
+            run_id=run_id,
             job_name=job.name,
             trigger=trigger,
             scheduled_at=scheduled_at,
-            started_at=now,
+            started_at=utcnow(),
             token_hash=hash_token(token),
             job=job,
             jid=jid,
             timeout=job.timeout,
         )
         seen = self.clock()
-        for machine in targets:
+        for machine in sorted(targets):
             run.machines[machine] = MachineRun(run.run_id, machine, last_seen=seen)
-        for machine in maintenance:
+        for machine in sorted(maintenance):
             run.machines[machine] = MachineRun(
                 run.run_id, machine, state=MachineState.MAINTENANCE, reason=Reason.MAINTENANCE
             )
-        self.store.insert_run(run, targets, maintenance)
-        for machine in maintenance:
-            self.store.append_output(run.run_id, machine, 0, "target under maintenance\n")
-            log.info(
-                "job %s run %s minion %s: target under maintenance", job.name, run.run_id, machine
-            )
-        self.runs[run.run_id] = run
-        self._jids[jid] = run.run_id
-        log.info(
-            "job %s run %s: launching on %d minion(s): %s",
-            job.name,
-            run.run_id,
-            len(targets),
-            ", ".join(targets),
-        )
-        self._announce(
-            job_tag(job.name, "start"),
-            {
-                "job": job.name,
-                "run_id": run.run_id,
-                "trigger": trigger.value,
-                "scheduled": isoformat(scheduled_at),
-                "targets": targets,
-                "maintenance": maintenance,
-            },
-        )
         return run, token
+
+    def start_runs(self, runs: list[Run]) -> list[Run]:
+        """Store runs made by :meth:`new_run`, take them in flight and announce them.
+
+        All are stored in one transaction. A run whose slot already has one
+        is left out, with a warning; the runs started are returned.
+        """
+        entries = [(run, launch_targets(run), maintenance_targets(run)) for run in runs]
+        try:
+            self.store.insert_runs(entries)
+            started = runs
+        except sqlite3.IntegrityError:
+            # Rare: a slot was taken since the caller checked. Store the runs
+            # one by one to keep all the others.
+            started = []
+            for entry in entries:
+                try:
+                    self.store.insert_runs([entry])
+                except sqlite3.IntegrityError:
+                    run = entry[0]
+                    log.warning(
+                        "job %s: the %s slot already has a run",
+                        run.job_name,
+                        isoformat(run.scheduled_at),
+                    )
+                else:
+                    started.append(entry[0])
+        for run in started:
+            for machine in maintenance_targets(run):
+                self.store.append_output(run.run_id, machine, 0, "target under maintenance\n")
+                log.info(
+                    "job %s run %s minion %s: target under maintenance",
+                    run.job_name,
+                    run.run_id,
+                    machine,
+                )
+            self.runs[run.run_id] = run
+            if run.jid:
+                self._jids[run.jid] = run.run_id
+            self._announce(
+                job_tag(run.job_name, "start"),
+                {
+                    "job": run.job_name,
+                    "run_id": run.run_id,
+                    "trigger": run.trigger.value,
+                    "scheduled": isoformat(run.scheduled_at),
+                    "targets": launch_targets(run),
+                    "maintenance": maintenance_targets(run),
+                },
+            )
+        return started
 
     def publish_failed(self, run: Run, error: str) -> None:
         """Record 255 on every minion still waiting when the publish itself failed."""
@@ -716,3 +776,19 @@ def overrun_verdict(
 
 def _parse(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text) if text else None
+
+
+def launch_targets(run: Run) -> list[str]:
+    """The minions a new run is launched on (its machines not under maintenance)."""
+    return [
+        name
+        for name, machine in run.machines.items()
+        if machine.state is not MachineState.MAINTENANCE
+    ]
+
+
+def maintenance_targets(run: Run) -> list[str]:
+    """The minions of a new run that were left out because they are under maintenance."""
+    return [
+        name for name, machine in run.machines.items() if machine.state is MachineState.MAINTENANCE
+    ]

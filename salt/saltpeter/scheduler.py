@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
@@ -68,12 +68,22 @@ class Scheduler:
 
     def update(self, jobs: Mapping[str, Job]) -> None:
         """Take a new set of job definitions; unchanged schedules keep their next fire time."""
-        now = self.clock()
-        for name in list(self._jobs):
-            if name not in jobs:
-                del self._jobs[name]
+        self.remove([name for name in self._jobs if name not in jobs])
+        self.put(jobs)
+
+    def remove(self, names: Iterable[str]) -> None:
+        """Stop firing the jobs ``names``."""
+        for name in names:
+            if self._jobs.pop(name, None) is not None:
                 self._entries.pop(name, None)
                 log.info("job %s: removed from the schedule", name)
+
+    def put(self, jobs: Mapping[str, Job]) -> None:
+        """Add or replace the definitions of ``jobs``, leaving the other jobs alone.
+
+        A job whose schedule is unchanged keeps its next fire time.
+        """
+        now = self.clock()
         for name, job in jobs.items():
             previous = self._jobs.get(name)
             self._jobs[name] = job

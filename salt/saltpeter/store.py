@@ -46,6 +46,8 @@ CHECKPOINT_SECONDS = 0.25
 # After a checkpoint the log file is truncated to this size, so one burst of
 # output does not leave a large file behind.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+# Values bound in one IN (...) query, well under SQLite's limit of 32,766.
+_QUERY_CHUNK = 500
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -215,11 +217,16 @@ class RunStore:
 
     def sync_jobs(self, definitions: Mapping[str, Mapping[str, Any]]) -> None:
         """Make the jobs table hold exactly ``definitions``, keeping run times."""
+        known = {row[0] for row in self._db.execute("SELECT name FROM jobs")}
+        self.update_jobs(definitions, known - set(definitions))
+
+    def update_jobs(
+        self, definitions: Mapping[str, Mapping[str, Any]], removed: Iterable[str] = ()
+    ) -> None:
+        """Add or replace the rows of ``definitions`` and delete those of ``removed``."""
         with self._db:
             self._db.execute("BEGIN")
-            known = {row[0] for row in self._db.execute("SELECT name FROM jobs")}
-            for name in known - set(definitions):
-                self._db.execute("DELETE FROM jobs WHERE name = ?", (name,))
+            self._db.executemany("DELETE FROM jobs WHERE name = ?", [(name,) for name in removed])
             self._db.executemany(
                 "INSERT INTO jobs (name, definition) VALUES (?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET definition = excluded.definition",
@@ -257,29 +264,59 @@ class RunStore:
     # -- runs ---------------------------------------------------------------
 
     def run_id_taken(self, run_id: str) -> bool:
-        row = self._db.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return row is not None
+        return bool(self.run_ids_taken([run_id]))
+
+    def run_ids_taken(self, run_ids: Iterable[str]) -> set[str]:
+        """Return which of ``run_ids`` the store already holds."""
+        taken: set[str] = set()
+        wanted = list(run_ids)
+        for start in range(0, len(wanted), _QUERY_CHUNK):
+            chunk = wanted[start : start + _QUERY_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(f"SELECT run_id FROM runs WHERE run_id IN ({marks})", chunk)
+            taken.update(row[0] for row in rows)
+        return taken
 
     def slot_taken(self, job: str, scheduled_at: datetime) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM runs WHERE job = ? AND scheduled_at = ?",
-            (job, isoformat(scheduled_at)),
-        ).fetchone()
-        return row is not None
+        return bool(self.slots_taken([(job, scheduled_at)]))
+
+    def slots_taken(self, slots: Iterable[tuple[str, datetime]]) -> set[tuple[str, datetime]]:
+        """Return which of the (job, scheduled instant) slots already have a run."""
+        by_instant: dict[datetime, list[str]] = {}
+        for job, instant in slots:
+            by_instant.setdefault(instant, []).append(job)
+        taken: set[tuple[str, datetime]] = set()
+        for instant, jobs in by_instant.items():
+            for start in range(0, len(jobs), _QUERY_CHUNK):
+                chunk = jobs[start : start + _QUERY_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT job FROM runs WHERE scheduled_at = ? AND job IN ({marks})",
+                    (isoformat(instant), *chunk),
+                )
+                taken.update((row[0], instant) for row in rows)
+        return taken
 
     def insert_run(self, run: Run, targets: Iterable[str], maintenance: Iterable[str]) -> None:
-        """Store a new run and a pending result for each target.
+        """Store a new run and a pending result for each of its minions.
 
         Raises sqlite3.IntegrityError if the job already has a run for the
         same scheduled instant, so a slot never starts twice.
         """
-        started = isoformat(run.started_at)
-        with self._db:
-            self._db.execute("BEGIN")
-            self._db.execute(
-                "INSERT INTO runs (run_id, job, trigger, scheduled_at, started_at, status, "
-                "token_hash, jid, timeout, targets, maintenance) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self.insert_runs([(run, targets, maintenance)])
+
+    def insert_runs(self, runs: Iterable[tuple[Run, Iterable[str], Iterable[str]]]) -> None:
+        """Store several new runs, each with its targets and minions under maintenance.
+
+        One transaction: all are stored or none. Raises sqlite3.IntegrityError
+        if any job already has a run for the scheduled instant of its new run.
+        """
+        run_rows = []
+        result_rows = []
+        job_rows = []
+        for run, targets, maintenance in runs:
+            started = isoformat(run.started_at)
+            run_rows.append(
                 (
                     run.run_id,
                     run.job_name,
@@ -292,25 +329,34 @@ class RunStore:
                     run.timeout,
                     json.dumps(sorted(targets)),
                     json.dumps(sorted(maintenance)),
-                ),
+                )
+            )
+            result_rows.extend(
+                (
+                    run.run_id,
+                    machine.machine,
+                    machine.state.value,
+                    machine.retcode,
+                    machine.reason.value if machine.reason else None,
+                )
+                for machine in run.machines.values()
+            )
+            job_rows.append((started, run.run_id, run.job_name))
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO runs (run_id, job, trigger, scheduled_at, started_at, status, "
+                "token_hash, jid, timeout, targets, maintenance) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                run_rows,
             )
             self._db.executemany(
                 "INSERT INTO results (run_id, machine, state, retcode, reason) "
                 "VALUES (?, ?, ?, ?, ?)",
-                [
-                    (
-                        run.run_id,
-                        machine.machine,
-                        machine.state.value,
-                        machine.retcode,
-                        machine.reason.value if machine.reason else None,
-                    )
-                    for machine in run.machines.values()
-                ],
+                result_rows,
             )
-            self._db.execute(
-                "UPDATE jobs SET last_run = ?, last_run_id = ? WHERE name = ?",
-                (started, run.run_id, run.job_name),
+            self._db.executemany(
+                "UPDATE jobs SET last_run = ?, last_run_id = ? WHERE name = ?", job_rows
             )
 
     def insert_skip(

@@ -156,6 +156,58 @@ class TestStartRun:
         assert store.slot_taken("backup", later)
 
 
+class TestStartRuns:
+    """Several runs stored in one transaction, as a burst of due jobs is."""
+
+    def make(self, manager: RunManager, name: str, slot: datetime = SLOT, maintenance=()):
+        run_id = manager.new_run_id(name, slot)
+        return manager.new_run(
+            run_id, make_job(name), Trigger.SCHEDULE, slot, ["m1"], maintenance, f"jid-{name}"
+        )
+
+    def test_all_are_stored_and_announced(
+        self, manager: RunManager, store: RunStore, events: RecordedEvents
+    ) -> None:
+        store.sync_jobs({"backup": {}, "report": {}})
+        runs = [self.make(manager, "backup")[0], self.make(manager, "report")[0]]
+        assert manager.start_runs(runs) == runs
+        assert set(manager.runs) == {run.run_id for run in runs}
+        assert {row["job"] for row in store.running_runs()} == {"backup", "report"}
+        assert events.tags() == ["saltpeter/job/backup/start", "saltpeter/job/report/start"]
+        assert store.jobs()["report"].last_run_id == runs[1].run_id
+
+    def test_a_taken_slot_leaves_the_others_running(
+        self, manager: RunManager, store: RunStore, events: RecordedEvents
+    ) -> None:
+        store.sync_jobs({"backup": {}, "report": {}})
+        start_run(manager)
+        # A second backup run for the same slot, as after a race with catch-up.
+        duplicate, _ = manager.new_run(
+            "backup_other", make_job(), Trigger.SCHEDULE, SLOT, ["m1"], [], "jid-dup"
+        )
+        report, _ = self.make(manager, "report")
+        assert manager.start_runs([duplicate, report]) == [report]
+        assert "backup_other" not in manager.runs
+        assert store.run("backup_other") is None
+        assert store.run(report.run_id) is not None
+        assert events.tags().count("saltpeter/job/backup/start") == 1
+
+    def test_maintenance_minions_are_recorded_for_each_run(
+        self, manager: RunManager, store: RunStore
+    ) -> None:
+        run, _ = self.make(manager, "backup", maintenance=["m9"])
+        manager.start_runs([run])
+        result = store.results(run.run_id)["m9"]
+        assert result["reason"] == "maintenance"
+        assert result["output"] == "target under maintenance\n"
+
+    def test_run_ids_are_unique_within_one_call(self, manager: RunManager, store: RunStore) -> None:
+        start_run(manager)
+        base = f"backup_{int(SLOT.timestamp())}"
+        ids = manager.new_run_ids([("backup", SLOT), ("backup", SLOT), ("report", SLOT)])
+        assert ids == [f"{base}_2", f"{base}_3", f"report_{int(SLOT.timestamp())}"]
+
+
 class TestLaunchReturn:
     def test_started_moves_to_launched(self, manager: RunManager) -> None:
         run, _ = start_run(manager)

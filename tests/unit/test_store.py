@@ -112,6 +112,30 @@ class TestRuns:
         assert jobs["backup"].next_run == SLOT.isoformat()
         assert jobs["backup"].definition == {"command": "false"}
 
+    def test_insert_runs_is_all_or_nothing(self, store: RunStore) -> None:
+        store.insert_run(make_run("backup_1"), ["m1", "m2"], [])
+        later = datetime(2026, 12, 4, 13, 0, tzinfo=timezone.utc)
+        with pytest.raises(sqlite3.IntegrityError):
+            store.insert_runs(
+                [
+                    (make_run("backup_2", scheduled_at=later), ["m1", "m2"], []),
+                    (make_run("backup_3"), ["m1", "m2"], []),
+                ]
+            )
+        assert store.run("backup_2") is None
+        store.insert_runs([(make_run("backup_2", scheduled_at=later), ["m1", "m2"], [])])
+        assert store.results("backup_2")["m2"]["state"] == "pending"
+        assert store.jobs()["backup"].last_run_id == "backup_2"
+
+    def test_slots_and_run_ids_taken_in_one_query(self, store: RunStore) -> None:
+        store.insert_run(make_run("backup_1"), ["m1", "m2"], [])
+        later = datetime(2026, 12, 4, 13, 0, tzinfo=timezone.utc)
+        asked = [("backup", SLOT), ("backup", later), ("report", SLOT)]
+        assert store.slots_taken(asked) == {("backup", SLOT)}
+        assert store.run_ids_taken(["backup_1", "backup_2"]) == {"backup_1"}
+        many = [f"run_{index}" for index in range(1200)] + ["backup_1"]
+        assert store.run_ids_taken(many) == {"backup_1"}
+
 
 class TestOutputCap:
     def test_small_output_is_kept_whole(self, store: RunStore) -> None:

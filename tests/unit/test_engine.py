@@ -1,0 +1,248 @@
+"""The engine: dispatching due slots together, and taking a reload in slices.
+
+The store is a real SQLite file. The bridge to Salt is a stand-in, because
+target resolution and publishing need a running salt-master; the integration
+tests send the same dispatches through a real master and minions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from saltpeter.config import Maintenance, Settings, parse_job
+from saltpeter.engine import APPLY_SLICE, Engine
+from saltpeter.runs import Trigger
+from saltpeter.scheduler import Scheduler
+from saltpeter.store import RunStore
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)
+SLOT = datetime(2026, 12, 4, 12, 5, tzinfo=timezone.utc)
+MINIONS = ["db1", "db2", "web1"]
+
+
+class StandInBridge:
+    """Answers as a master with MINIONS accepted would, and records every call."""
+
+    def __init__(self, fail_publish: set[str] | None = None) -> None:
+        self.resolved: list[tuple[str, str]] = []
+        self.published: list[tuple[list[str], str, list[Any]]] = []
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.fail_publish = fail_publish or set()
+        self._jids = 0
+
+    async def resolve_targets(self, targets: str, target_type: str) -> list[str]:
+        self.resolved.append((targets, target_type))
+        await asyncio.sleep(0)
+        return [minion for minion in MINIONS if fnmatch.fnmatch(minion, targets)]
+
+    def new_jid(self) -> str:
+        self._jids += 1
+        return f"2026120412050000{self._jids:04d}"
+
+    async def publish(
+        self,
+        minions: Iterable[str],
+        fun: str,
+        arg: list[Any],
+        kwarg: dict[str, Any] | None = None,
+        jid: str = "",
+    ) -> dict[str, Any]:
+        if arg[1] in self.fail_publish:
+            raise RuntimeError("the master did not accept the publish")
+        self.published.append((list(minions), fun, arg))
+        return {"jid": jid, "minions": list(minions)}
+
+    def fire(self, tag: str, data: dict[str, Any]) -> None:
+        self.events.append((tag, data))
+
+    def verify_minion_signature(self, minion: str, message: bytes, signature: str | None) -> bool:
+        return True
+
+
+def make_job(name: str, targets: str = "*", **extra: Any):
+    raw = {"min": "*/5", "hour": "*", "dom": "*", "mon": "*", "dow": "*", "command": "true"}
+    raw.update(targets=targets, **extra)
+    return parse_job(name, raw, Path("/etc/saltpeter/jobs.yaml"), Settings(), NOW)
+
+
+@pytest.fixture
+def engine(tmp_path: Path):
+    engine = Engine({}, config_dir=str(tmp_path / "config"), store_path=str(tmp_path / "sp.db"))
+    engine.bridge = StandInBridge()  # type: ignore[assignment]
+    engine.jobs = {
+        "backup": make_job("backup", "db*"),
+        "report": make_job("report", "db*"),
+        "web": make_job("web", "web*"),
+        "nowhere": make_job("nowhere", "mail*"),
+    }
+    engine.store = RunStore(tmp_path / "sp.db")
+    engine.store.sync_jobs({name: {} for name in engine.jobs})
+    engine.manager = engine._new_manager(engine.store)
+    engine._ready.set()
+    yield engine
+    engine.store.close()
+    engine.executor.shutdown(wait=False)
+
+
+def dispatch_many(engine: Engine, requests) -> list[dict[str, Any]]:
+    return asyncio.run(engine.dispatch_many(requests))
+
+
+class TestDispatchMany:
+    def test_each_request_gets_its_own_answer(self, engine: Engine) -> None:
+        results = dispatch_many(
+            engine,
+            [
+                ("backup", Trigger.SCHEDULE, SLOT),
+                ("ghost", Trigger.SCHEDULE, SLOT),
+                ("web", Trigger.SCHEDULE, SLOT),
+                ("nowhere", Trigger.SCHEDULE, SLOT),
+            ],
+        )
+        assert [result["started"] for result in results] == [True, False, True, False]
+        assert results[0]["targets"] == ["db1", "db2"]
+        assert results[1]["reason"] == "unknown_job"
+        assert results[2]["targets"] == ["web1"]
+        assert results[3]["reason"] == "no_targets"
+        published = {arg[1]: minions for minions, _, arg in engine.bridge.published}
+        assert published == {"backup": ["db1", "db2"], "web": ["web1"]}
+
+    def test_jobs_with_one_target_share_one_resolution(self, engine: Engine) -> None:
+        dispatch_many(
+            engine,
+            [
+                ("backup", Trigger.SCHEDULE, SLOT),
+                ("report", Trigger.SCHEDULE, SLOT),
+                ("web", Trigger.SCHEDULE, SLOT),
+            ],
+        )
+        assert sorted(engine.bridge.resolved) == [("db*", "glob"), ("web*", "glob")]
+        assert len(engine.store.running_runs()) == 3
+
+    def test_a_taken_slot_is_not_started_again(self, engine: Engine) -> None:
+        first = dispatch_many(engine, [("backup", Trigger.SCHEDULE, SLOT)])[0]
+        engine.manager.runs.clear()
+        again = dispatch_many(
+            engine,
+            [("backup", Trigger.SCHEDULE, SLOT), ("report", Trigger.SCHEDULE, SLOT)],
+        )
+        assert again[0] == {"started": False, "reason": "slot_taken"}
+        assert again[1]["started"]
+        assert [arg[0] for _, _, arg in engine.bridge.published] == [
+            first["run_id"],
+            again[1]["run_id"],
+        ]
+
+    def test_the_same_job_twice_in_one_batch_overlaps(self, engine: Engine) -> None:
+        later = SLOT + timedelta(minutes=5)
+        results = dispatch_many(
+            engine,
+            [("backup", Trigger.SCHEDULE, SLOT), ("backup", Trigger.SCHEDULE, later)],
+        )
+        assert results[0]["started"]
+        assert results[1]["reason"] == "overlap"
+        assert engine.store.slot_taken("backup", later)  # the skip is recorded
+        assert len(engine.bridge.published) == 1
+
+    def test_a_run_in_flight_blocks_the_next_slot(self, engine: Engine) -> None:
+        dispatch_many(engine, [("backup", Trigger.SCHEDULE, SLOT)])
+        later = SLOT + timedelta(minutes=5)
+        result = dispatch_many(engine, [("backup", Trigger.SCHEDULE, later)])[0]
+        assert result["reason"] == "overlap"
+        assert result["running"] == [f"backup_{int(SLOT.timestamp())}"]
+
+    def test_global_maintenance_skips_every_request(self, engine: Engine) -> None:
+        engine.maintenance = Maintenance(global_=True)
+        results = dispatch_many(
+            engine,
+            [("backup", Trigger.SCHEDULE, SLOT), ("web", Trigger.MANUAL, None)],
+        )
+        assert [result["reason"] for result in results] == ["maintenance", "maintenance"]
+        assert engine.bridge.published == []
+
+    def test_a_failed_publish_ends_only_its_own_run(self, engine: Engine) -> None:
+        engine.bridge.fail_publish = {"backup"}
+        results = dispatch_many(
+            engine,
+            [("backup", Trigger.SCHEDULE, SLOT), ("web", Trigger.SCHEDULE, SLOT)],
+        )
+        failed = engine.store.results(results[0]["run_id"])
+        assert {row["retcode"] for row in failed.values()} == {255}
+        assert engine.store.results(results[1]["run_id"])["web1"]["state"] == "pending"
+
+    def test_lateness_is_observed_for_each_scheduled_launch(self, engine: Engine) -> None:
+        dispatch_many(
+            engine,
+            [
+                ("backup", Trigger.SCHEDULE, SLOT),
+                ("web", Trigger.SCHEDULE, SLOT),
+                ("report", Trigger.MANUAL, None),
+            ],
+        )
+        (family,) = engine.metrics.dispatch_lateness.collect()
+        counts = [sample.value for sample in family.samples if sample.name.endswith("_count")]
+        assert counts == [2]
+
+
+class TestFiring:
+    def test_slots_fired_together_are_dispatched_together(self, engine: Engine) -> None:
+        calls: list[list[tuple[str, Trigger, datetime | None]]] = []
+        original = engine.dispatch_many
+
+        async def recording(requests):
+            calls.append(list(requests))
+            return await original(requests)
+
+        engine.dispatch_many = recording  # type: ignore[method-assign]
+
+        async def fire_and_settle() -> None:
+            for name in ("backup", "web", "report"):
+                engine._on_fire(name, SLOT)
+            for _ in range(20):
+                await asyncio.sleep(0)
+            await asyncio.gather(*engine._tasks)
+
+        asyncio.run(fire_and_settle())
+        assert [[name for name, _, _ in batch] for batch in calls] == [["backup", "web", "report"]]
+        assert len(engine.store.running_runs()) == 3
+
+
+class TestReload:
+    def test_definitions_reach_store_scheduler_and_manager(self, engine: Engine) -> None:
+        engine.scheduler = Scheduler(lambda name, at: None)
+        engine.scheduler.update(engine.jobs)
+        reloaded = {name: job for name, job in engine.jobs.items() if name != "nowhere"}
+        reloaded["backup"] = make_job("backup", "db*", command="pg_dump all")
+        reloaded["audit"] = make_job("audit", "web*", min="7")
+        asyncio.run(engine._apply_jobs(reloaded))
+        rows = engine.store.jobs()
+        assert set(rows) == {"audit", "backup", "report", "web"}
+        assert rows["backup"].definition["command"] == "pg_dump all"
+        assert engine.scheduler.next_fire("nowhere") is None
+        assert engine.scheduler.next_fire("audit").minute == 7
+        # Runs look their job up at call time, so they see the reloaded one.
+        assert engine.manager.job_lookup("backup").command == "pg_dump all"
+        assert engine.manager.job_lookup("nowhere") is None
+
+    def test_the_loop_runs_between_slices(self, engine: Engine) -> None:
+        engine.scheduler = Scheduler(lambda name, at: None)
+        many = {f"job{index:04d}": make_job(f"job{index:04d}") for index in range(APPLY_SLICE * 3)}
+        seen_between: list[int] = []
+
+        async def reload_and_watch() -> None:
+            reload = asyncio.ensure_future(engine._apply_jobs(many))
+            while not reload.done():
+                seen_between.append(len(engine.scheduler._entries))
+                await asyncio.sleep(0)
+
+        asyncio.run(reload_and_watch())
+        # Other work ran while the scheduler held only a part of the new jobs.
+        assert any(0 < count < len(many) for count in seen_between)
+        assert len(engine.scheduler._entries) == len(many)
