@@ -230,7 +230,7 @@ class Engine:
                 await asyncio.sleep(1.0)
             if name not in self.jobs:
                 return
-            await self._dispatch_logged(name, Trigger.CATCH_UP, slot)
+            await self._dispatch_logged([(name, Trigger.CATCH_UP, slot)])
 
     async def _prune_history(self) -> None:
         """Delete old runs now and then, so the store stays bounded."""
@@ -413,9 +413,9 @@ class Engine:
             log.exception("storing the next fire times of %d job(s) failed", len(pending))
 
     def _on_fire(self, name: str, scheduled_at: datetime) -> None:
-        # The scheduler fires every slot due at once in one go; they are
-        # collected here and dispatched together, so that a second with a
-        # thousand due jobs costs one store transaction, not a thousand.
+        # The scheduler fires all the slots due at one instant in one go. They
+        # are collected here and dispatched as one batch, so a second with a
+        # thousand due jobs costs one store transaction instead of a thousand.
         if not self._due:
             asyncio.get_running_loop().call_soon(self._dispatch_due)
         self._due.append((name, Trigger.SCHEDULE, scheduled_at))
@@ -491,7 +491,7 @@ class Engine:
         Everything before the publish is done for all requests together:
         the slot check, target resolution (once per distinct target), and
         storing the new runs in one transaction. Then each launch is handed
-        to Salt, and this returns when every publish has been answered.
+        to Salt. This returns once Salt has accepted or rejected every publish.
         """
         await self._ready.wait()
         assert self.manager is not None and self.store is not None
@@ -764,9 +764,9 @@ def _freeze_long_lived(full: bool = False) -> None:
     object: with 10,000 jobs that is about 50 ms on the event loop, at
     whichever allocation triggers it, such as in the middle of dispatching
     the jobs due in one second. Frozen objects are still freed when nothing
-    refers to them any more; only reference cycles among them stay, so
-    garbage is collected first: all of it at start-up, and the young
-    generations (cheap) after a reload, when a full pass would hold up the
+    refers to them any more, but reference cycles among them stay. So the
+    garbage is collected first: all of it at start-up, and only the young
+    generations after a reload, because a full pass then would delay the
     jobs due meanwhile. The engine runs in a process of its own, so this
     touches nothing else.
     """

@@ -1,7 +1,7 @@
 """The engine: dispatching due slots together, and taking a reload in slices.
 
 The store is a real SQLite file. The bridge to Salt is a stand-in, because
-target resolution and publishing need a running salt-master; the integration
+target resolution and publishing need a running salt-master. The integration
 tests send the same dispatches through a real master and minions.
 """
 
@@ -28,7 +28,7 @@ MINIONS = ["db1", "db2", "web1"]
 
 
 class StandInBridge:
-    """Answers as a master with MINIONS accepted would, and records every call."""
+    """Resolves and publishes as a master with MINIONS accepted would, recording each call."""
 
     def __init__(self, fail_publish: set[str] | None = None) -> None:
         self.resolved: list[tuple[str, str]] = []
@@ -189,6 +189,17 @@ class TestDispatchMany:
         (family,) = engine.metrics.dispatch_lateness.collect()
         counts = [sample.value for sample in family.samples if sample.name.endswith("_count")]
         assert counts == [2]
+
+
+class TestCatchUp:
+    def test_missed_slots_run_oldest_first(self, engine: Engine) -> None:
+        slots = [SLOT, SLOT + timedelta(minutes=5)]
+        engine.jobs["backup"] = make_job("backup", "db*", allow_overlap=True)
+        asyncio.run(engine._run_catch_up("backup", slots))
+        rows = engine.store.runs("backup")
+        assert sorted(row["scheduled_at"] for row in rows) == [slot.isoformat() for slot in slots]
+        assert {row["trigger"] for row in rows} == {"catch_up"}
+        assert len(engine.bridge.published) == 2
 
 
 class TestFiring:
