@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import gc
+import itertools
 import logging
 import os
 import sqlite3
@@ -51,6 +52,7 @@ PRUNE_INTERVAL_SECONDS = 3600.0
 APPLY_SLICE = 100
 # Seconds between the scheduler computing next fire times and storing them.
 NEXT_RUN_WRITE_DELAY = 0.2
+NEXT_RUN_WRITE_BATCH = 500
 
 
 def default_store_path(opts: Mapping[str, Any]) -> Path:
@@ -397,20 +399,28 @@ class Engine:
     # -- scheduling and dispatch --------------------------------------------
 
     def _on_next_fire(self, name: str, fire_at: datetime | None) -> None:
-        # Written in one transaction a moment later, so that the jobs due at
-        # one instant are dispatched first and do not wait for the write.
+        # Stored a moment later and in batches, so that the jobs due at one
+        # instant are dispatched first and do not wait for the write.
         if not self._next_runs:
             asyncio.get_running_loop().call_later(NEXT_RUN_WRITE_DELAY, self._write_next_runs)
         self._next_runs[name] = fire_at
 
     def _write_next_runs(self) -> None:
-        pending, self._next_runs = self._next_runs, {}
+        # At most NEXT_RUN_WRITE_BATCH rows per turn of the loop: after a reload
+        # of thousands of jobs, one transaction for all of them would hold up
+        # the jobs due meanwhile.
+        pending = self._next_runs
+        batch = {name: pending[name] for name in itertools.islice(pending, NEXT_RUN_WRITE_BATCH)}
+        for name in batch:
+            del pending[name]
+        if pending:
+            asyncio.get_running_loop().call_soon(self._write_next_runs)
         if self.store is None:
             return
         try:
-            self.store.set_next_runs(pending)
+            self.store.set_next_runs(batch)
         except sqlite3.Error:
-            log.exception("storing the next fire times of %d job(s) failed", len(pending))
+            log.exception("storing the next fire times of %d job(s) failed", len(batch))
 
     def _on_fire(self, name: str, scheduled_at: datetime) -> None:
         # The scheduler fires all the slots due at one instant in one go. They
@@ -764,13 +774,19 @@ def _freeze_long_lived(full: bool = False) -> None:
     object: with 10,000 jobs that is about 50 ms on the event loop, at
     whichever allocation triggers it, such as in the middle of dispatching
     the jobs due in one second. Frozen objects are still freed when nothing
-    refers to them any more, but reference cycles among them stay. So the
-    garbage is collected first: all of it at start-up, and only the young
-    generations after a reload, because a full pass then would delay the
-    jobs due meanwhile. The engine runs in a process of its own, so this
-    touches nothing else.
+    refers to them any more, but reference cycles among them stay.
+
+    With ``full`` the garbage is collected first, at start-up. After a
+    reload it is not, because even a young-generation pass then walks every
+    object the load made (about 45 ms with 10,000 jobs) and would delay the
+    jobs due meanwhile. A collection after loading 10,000 valid jobs found no
+    unreachable cycles, so usually nothing is kept that a pass would free.
+    NOTE: errors with tracebacks from invalid files can form cycles, and
+    those stay until the engine restarts. The engine runs in a process of
+    its own, so this touches nothing else.
     """
-    gc.collect(2 if full else 1)
+    if full:
+        gc.collect()
     gc.freeze()
 
 

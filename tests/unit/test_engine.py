@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from saltpeter.config import Maintenance, Settings, parse_job
-from saltpeter.engine import APPLY_SLICE, Engine
+from saltpeter.engine import APPLY_SLICE, NEXT_RUN_WRITE_DELAY, Engine
 from saltpeter.runs import Trigger
 from saltpeter.scheduler import Scheduler
 from saltpeter.store import RunStore
@@ -189,6 +189,31 @@ class TestDispatchMany:
         (family,) = engine.metrics.dispatch_lateness.collect()
         counts = [sample.value for sample in family.samples if sample.name.endswith("_count")]
         assert counts == [2]
+
+
+class TestNextRuns:
+    def test_stored_in_batches_after_a_reload(self, engine: Engine) -> None:
+        engine.scheduler = Scheduler(lambda name, at: None, on_next=engine._on_next_fire)
+        many = {f"job{index:04d}": make_job(f"job{index:04d}") for index in range(1200)}
+        batches: list[int] = []
+        original = engine.store.set_next_runs
+
+        def recording(instants):
+            batches.append(len(instants))
+            original(instants)
+
+        engine.store.set_next_runs = recording  # type: ignore[method-assign]
+
+        async def reload_and_wait() -> None:
+            await engine._apply_jobs(many)
+            await asyncio.sleep(NEXT_RUN_WRITE_DELAY + 0.1)
+
+        asyncio.run(reload_and_wait())
+        assert sum(batches) == 1200
+        assert max(batches) <= 500
+        assert len(batches) >= 3
+        rows = engine.store.jobs()
+        assert all(rows[name].next_run for name in many)
 
 
 class TestCatchUp:

@@ -193,6 +193,68 @@ class TestOutputCap:
         assert store.output("backup_1", "m2") == "two"
 
 
+def finished_run(store: RunStore, run_id: str, started_at: datetime, output: str = "") -> None:
+    """Store a run of job backup that ran on m1 and m2 and has ended."""
+    run = make_run(run_id, scheduled_at=started_at)
+    run.started_at = started_at
+    store.insert_run(run, ["m1", "m2"], [])
+    if output:
+        store.append_output(run_id, "m1", 1, output)
+    run.status = RunStatus.SUCCEEDED
+    run.ended_at = started_at
+    store.finish_run(run)
+
+
+class TestPrune:
+    @pytest.fixture
+    def big_store(self, tmp_path: Path) -> RunStore:
+        store = RunStore(tmp_path / "sp.db", max_output_bytes=1 << 20)
+        store.sync_jobs({"backup": {"command": "true"}})
+        yield store
+        store.close()
+
+    def test_keeps_newest_runs_per_job(self, store: RunStore) -> None:
+        for minute in range(5):
+            finished_run(store, f"backup_{minute}", SLOT.replace(minute=minute))
+        deleted = store.prune(SLOT.replace(year=2000), keep_per_job=2)
+        assert deleted == 3
+        assert [row["run_id"] for row in store.runs("backup")] == ["backup_4", "backup_3"]
+        assert store.results("backup_0") == {}
+
+    def test_deletes_runs_older_than_cutoff(self, store: RunStore) -> None:
+        finished_run(store, "backup_old", SLOT.replace(day=1))
+        finished_run(store, "backup_new", SLOT)
+        assert store.prune(SLOT.replace(day=2), keep_per_job=1000) == 1
+        assert store.run("backup_old") is None
+        assert store.run("backup_new") is not None
+
+    def test_never_deletes_runs_in_flight(self, store: RunStore) -> None:
+        store.insert_run(make_run("backup_running", scheduled_at=SLOT.replace(day=1)), ["m1"], [])
+        assert store.prune(SLOT, keep_per_job=1) == 0
+        assert store.run("backup_running")["status"] == "running"
+
+    def test_deletes_output_with_run(self, store: RunStore) -> None:
+        finished_run(store, "backup_old", SLOT.replace(day=1), output="old output\n")
+        store.prune(SLOT, keep_per_job=1000)
+        assert store.output("backup_old", "m1") == ""
+
+    def test_file_size_stays_bounded(self, big_store: RunStore) -> None:
+        """Runs added and pruned in cycles reuse the freed pages, so the file stops growing."""
+        sizes = []
+        chunk = "x" * 4000 + "\n"
+        for cycle in range(8):
+            for index in range(40):
+                started = SLOT.replace(day=1 + cycle, minute=index)
+                finished_run(big_store, f"backup_{cycle}_{index}", started, output=chunk * 10)
+            big_store.prune(SLOT.replace(year=2000), keep_per_job=20)
+            # What the store's checkpoint thread does every quarter second.
+            with sqlite3.connect(big_store.path) as checkpointer:
+                checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            sizes.append(big_store.size_bytes())
+        assert len(big_store.runs("backup", limit=100)) == 20
+        assert max(sizes[3:]) <= sizes[2] * 1.1, sizes
+
+
 class TestReadOnly:
     def test_missing_store_says_how_to_create_it(self, tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="engine creates it"):
