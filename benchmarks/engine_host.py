@@ -37,6 +37,7 @@ import pwd
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
@@ -44,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import salt.config
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from saltpeter import wrapper
 from saltpeter.engine import Engine
@@ -135,7 +138,13 @@ class BenchBridge(SaltBridge):
             self.lateness.append(lateness)
             self.fires.append((run.scheduled_at.timestamp(), lateness))
         if self.launches_file is not None:
-            record = {"run": run_id, "job": job_name, "url": url, "token": token}
+            record = {
+                "run": run_id,
+                "job": job_name,
+                "url": url,
+                "token": token,
+                "key": str(minion_key_path(self.opts)),
+            }
             with self.launches_file.open("a") as handle:
                 handle.write(json.dumps({**record, "minions": minions}) + "\n")
         if self.launch_mode in ("answer-failed", "answer-started"):
@@ -178,6 +187,7 @@ class BenchBridge(SaltBridge):
             "--loglevel=normal",
             f"--logdir={self.state_dir / 'wrapper-logs'}",
             f"--statedir={self.state_dir / 'wrapper-run'}",
+            f"--key={minion_key_path(self.opts)}",
         ]
 
         def launch() -> dict[str, Any]:
@@ -205,12 +215,41 @@ class BenchBridge(SaltBridge):
             await result
 
 
+def _top_allocations(count: int = 15) -> list[str]:
+    """Return the source lines holding the most memory, when SPB_TRACEMALLOC is set."""
+    if not tracemalloc.is_tracing():
+        return []
+    statistics = tracemalloc.take_snapshot().statistics("lineno")
+    return [str(statistic) for statistic in statistics[:count]]
+
+
+def minion_key_path(opts: dict[str, Any]) -> Path:
+    """Return the private key that every benchmark minion signs its run credential with."""
+    return Path(opts["pki_dir"]).parent / "bench-minion.pem"
+
+
 def master_opts(directory: Path, minions: list[str]) -> dict[str, Any]:
-    """Return Salt master opts whose key directory has MINIONS accepted, for CkMinions."""
+    """Return Salt master opts whose key directory has MINIONS accepted.
+
+    CkMinions resolves targets against these keys, and the engine checks
+    each wrapper's hello against them. All benchmark minions share one RSA
+    key (minion_key_path), because generating 2,000 keys would take minutes.
+    """
     accepted = directory / "pki" / "minions"
     accepted.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (directory / "bench-minion.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     for minion in minions:
-        (accepted / minion).write_text("benchmark stand-in key\n")
+        (accepted / minion).write_bytes(public)
     config = directory / "master"
     config.write_text(
         "\n".join(
@@ -406,6 +445,7 @@ class Host:
             "lag": list(self.lag_probe.samples) if self.lag_probe is not None else [],
             "runs_in_flight": len(manager.runs) if manager is not None else 0,
             "jobs": len(self.engine.jobs),
+            "allocations": _top_allocations(),
         }
 
     def _reply(self, data: dict[str, Any]) -> None:

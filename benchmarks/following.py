@@ -281,6 +281,8 @@ def run(args: argparse.Namespace) -> Result:
     # the two cores with it.
     lags = [lag for at, lag in engine_stats["lag"] if window_start_wall <= at <= window_end_wall]
     result.details["engine_loop_lags_over_5ms"] = len(lags)
+    # Filled when the benchmark runs with PYTHONTRACEMALLOC=1 in its environment.
+    result.details["engine_allocations"] = engine_stats.get("allocations", [])
     result.add(
         "engine event loop lag, max",
         max(lags, default=0.0),

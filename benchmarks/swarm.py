@@ -33,6 +33,8 @@ from typing import Any
 
 import tornado.websocket
 
+from saltpeter.wrapper import sign_credential
+
 HEARTBEAT_INTERVAL = 5.0
 # Tornado's client default; the wrapper uses the same limit.
 MAX_FRAME_BYTES = 1024 * 1024
@@ -67,11 +69,15 @@ def stamp() -> str:
 class Client:
     """One fake wrapper: a run id, a minion id and its token."""
 
-    def __init__(self, url: str, run: str, machine: str, token: str, args: argparse.Namespace):
+    def __init__(
+        self, url: str, run: str, machine: str, token: str, key: str, args: argparse.Namespace
+    ):
         self.url = url
         self.run_id = run
         self.machine = machine
         self.token = token
+        # Signed as the launcher signs it, with the key all benchmark minions share.
+        self.signature = sign_credential(key, run, machine, token)
         self.args = args
         self.stats = ClientStats()
         self.seq = 0
@@ -93,6 +99,7 @@ class Client:
             "run": self.run_id,
             "machine": self.machine,
             "token": self.token,
+            "signature": self.signature,
             "wrapper_version": "benchmark-swarm",
             "need_job": True,
         }
@@ -181,7 +188,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     pairs = [(launch, minion) for launch in launches for minion in launch["minions"]]
     mine = pairs[args.worker :: args.workers]
     clients = [
-        Client(launch["url"], launch["run"], minion, launch["token"], args)
+        Client(launch["url"], launch["run"], minion, launch["token"], launch["key"], args)
         for launch, minion in mine
     ]
     loop = asyncio.get_running_loop()
