@@ -89,7 +89,7 @@ class Figure:
 
 @dataclass
 class Result:
-    """What one benchmark run returns: its figures and the raw data behind them."""
+    """The figures of one benchmark run and the raw data behind them."""
 
     benchmark: str
     figures: list[Figure] = field(default_factory=list)

@@ -51,7 +51,7 @@ class Phase:
 
 @dataclass
 class ClientStats:
-    """What one client saw."""
+    """Counters and latencies of one client."""
 
     connected: bool = False
     welcomed: bool = False

@@ -268,16 +268,16 @@ class RunManager:
         """Store runs made by :meth:`new_run`, take them in flight and announce them.
 
         All are stored in one transaction. A run whose slot already has one
-        is left out, with a warning; the runs started are returned.
+        is left out with a warning. Returns the runs started.
         """
         entries = [(run, launch_targets(run), maintenance_targets(run)) for run in runs]
         try:
             self.store.insert_runs(entries)
-            started = runs
+            stored = entries
         except sqlite3.IntegrityError:
             # Rare: a slot was taken since the caller checked. Store the runs
             # one by one to keep all the others.
-            started = []
+            stored = []
             for entry in entries:
                 try:
                     self.store.insert_runs([entry])
@@ -289,9 +289,9 @@ class RunManager:
                         isoformat(run.scheduled_at),
                     )
                 else:
-                    started.append(entry[0])
-        for run in started:
-            for machine in maintenance_targets(run):
+                    stored.append(entry)
+        for run, targets, maintenance in stored:
+            for machine in maintenance:
                 self.store.append_output(run.run_id, machine, 0, "target under maintenance\n")
                 log.info(
                     "job %s run %s minion %s: target under maintenance",
@@ -309,10 +309,11 @@ class RunManager:
                     "run_id": run.run_id,
                     "trigger": run.trigger.value,
                     "scheduled": isoformat(run.scheduled_at),
-                    "targets": launch_targets(run),
-                    "maintenance": maintenance_targets(run),
+                    "targets": targets,
+                    "maintenance": maintenance,
                 },
             )
+        started = [run for run, _, _ in stored]
         return started
 
     def publish_failed(self, run: Run, error: str) -> None:
@@ -779,7 +780,7 @@ def _parse(text: str | None) -> datetime | None:
 
 
 def launch_targets(run: Run) -> list[str]:
-    """The minions a new run is launched on (its machines not under maintenance)."""
+    """Return the minions a new run is launched on: its machines not under maintenance."""
     return [
         name
         for name, machine in run.machines.items()
@@ -788,7 +789,7 @@ def launch_targets(run: Run) -> list[str]:
 
 
 def maintenance_targets(run: Run) -> list[str]:
-    """The minions of a new run that were left out because they are under maintenance."""
+    """Return the minions of a new run that were left out because of maintenance."""
     return [
         name for name, machine in run.machines.items() if machine.state is MachineState.MAINTENANCE
     ]

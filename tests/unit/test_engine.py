@@ -126,7 +126,7 @@ class TestDispatchMany:
         assert sorted(engine.bridge.resolved) == [("db*", "glob"), ("web*", "glob")]
         assert len(engine.store.running_runs()) == 3
 
-    def test_a_taken_slot_is_not_started_again(self, engine: Engine) -> None:
+    def test_taken_slot_not_started_again(self, engine: Engine) -> None:
         first = dispatch_many(engine, [("backup", Trigger.SCHEDULE, SLOT)])[0]
         engine.manager.runs.clear()
         again = dispatch_many(
@@ -140,7 +140,7 @@ class TestDispatchMany:
             again[1]["run_id"],
         ]
 
-    def test_the_same_job_twice_in_one_batch_overlaps(self, engine: Engine) -> None:
+    def test_same_job_twice_in_batch_overlaps(self, engine: Engine) -> None:
         later = SLOT + timedelta(minutes=5)
         results = dispatch_many(
             engine,
@@ -151,7 +151,7 @@ class TestDispatchMany:
         assert engine.store.slot_taken("backup", later)  # the skip is recorded
         assert len(engine.bridge.published) == 1
 
-    def test_a_run_in_flight_blocks_the_next_slot(self, engine: Engine) -> None:
+    def test_run_in_flight_blocks_next_slot(self, engine: Engine) -> None:
         dispatch_many(engine, [("backup", Trigger.SCHEDULE, SLOT)])
         later = SLOT + timedelta(minutes=5)
         result = dispatch_many(engine, [("backup", Trigger.SCHEDULE, later)])[0]
@@ -167,7 +167,7 @@ class TestDispatchMany:
         assert [result["reason"] for result in results] == ["maintenance", "maintenance"]
         assert engine.bridge.published == []
 
-    def test_a_failed_publish_ends_only_its_own_run(self, engine: Engine) -> None:
+    def test_failed_publish_ends_only_its_run(self, engine: Engine) -> None:
         engine.bridge.fail_publish = {"backup"}
         results = dispatch_many(
             engine,
@@ -267,7 +267,7 @@ class TestReload:
         assert engine.manager.job_lookup("backup").command == "pg_dump all"
         assert engine.manager.job_lookup("nowhere") is None
 
-    def test_the_loop_runs_between_slices(self, engine: Engine) -> None:
+    def test_loop_runs_between_slices(self, engine: Engine) -> None:
         engine.scheduler = Scheduler(lambda name, at: None)
         many = {f"job{index:04d}": make_job(f"job{index:04d}") for index in range(APPLY_SLICE * 3)}
         seen_between: list[int] = []

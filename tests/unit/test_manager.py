@@ -176,7 +176,7 @@ class TestStartRuns:
         assert events.tags() == ["saltpeter/job/backup/start", "saltpeter/job/report/start"]
         assert store.jobs()["report"].last_run_id == runs[1].run_id
 
-    def test_a_taken_slot_leaves_the_others_running(
+    def test_taken_slot_leaves_others_running(
         self, manager: RunManager, store: RunStore, events: RecordedEvents
     ) -> None:
         store.sync_jobs({"backup": {}, "report": {}})
