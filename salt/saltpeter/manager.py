@@ -456,7 +456,12 @@ class RunManager:
                 "timeout": job.timeout,
                 "kill_grace": KILL_GRACE_SECONDS,
             }
-        return {"acked": machine.last_seq, "job": job_spec, "heartbeat_interval": 5}
+        return {
+            "acked": machine.last_seq,
+            "job": job_spec,
+            "heartbeat_interval": 5,
+            "output_limit": self.store.max_output_bytes,
+        }
 
     def attach(self, run: Run, machine: MachineRun, connection: Connection) -> None:
         machine.connection = connection
@@ -594,7 +599,10 @@ class RunManager:
     def _on_output(self, run: Run, machine: MachineRun, frame: Output) -> None:
         data = sanitize_text(frame.data)
         machine.last_seq = frame.seq
-        self.store.append_output(run.run_id, machine.machine, frame.seq, data)
+        self.store.append_output(run.run_id, machine.machine, frame.seq, data, frame.skipped)
+        if frame.skipped:
+            # Followers see where output went missing; the store marks it on read.
+            data = f"\n[saltpeter: {frame.skipped} bytes of output skipped on the minion]\n{data}"
         self._stream_output(run, machine, data)
 
     # -- results ------------------------------------------------------------

@@ -60,6 +60,8 @@ class Start:
 class Output:
     seq: int
     data: str
+    # Bytes of output the wrapper left out right before ``data``.
+    skipped: int = 0
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,15 @@ def _seq(obj: dict[str, Any]) -> int:
     return seq
 
 
+def _skipped(obj: dict[str, Any]) -> int:
+    if obj.get("skipped") is None:
+        return 0
+    skipped = _field(obj, "skipped", int)
+    if skipped < 0:
+        raise _bad(f"output frame: skipped {skipped} is below 0")
+    return skipped
+
+
 def parse_frame(text: str | bytes) -> Frame:
     """Parse one frame from a wrapper, or raise ProtocolError(BAD_MESSAGE)."""
     if isinstance(text, bytes):
@@ -151,7 +162,7 @@ def parse_frame(text: str | bytes) -> Frame:
     if kind == "start":
         return Start(seq=_seq(obj), pid=_field(obj, "pid", int), time=_field(obj, "time", str))
     if kind == "output":
-        return Output(seq=_seq(obj), data=_field(obj, "data", str))
+        return Output(seq=_seq(obj), data=_field(obj, "data", str), skipped=_skipped(obj))
     if kind == "complete":
         reason = _field(obj, "reason", str)
         if reason not in COMPLETE_REASONS:

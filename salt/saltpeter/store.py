@@ -7,7 +7,9 @@ writes. Timestamps are stored as ISO 8601 strings in UTC.
 Output kept per minion and run is capped at ``max_output_bytes`` (UTF-8
 bytes): the first half is kept as it arrived, and after that only the most
 recent half, so the start and the end of a long output both survive. The
-read side marks the cut with how many bytes were dropped.
+read side marks the cut with how many bytes were dropped. The engine sends
+each wrapper the cap, and a wrapper may leave out output past the first
+half that it could not send in time; such output counts as dropped too.
 """
 
 from __future__ import annotations
@@ -504,14 +506,30 @@ class RunStore:
             self._counters[key] = counters
         return counters
 
-    def append_output(self, run_id: str, machine: str, seq: int, data: str) -> None:
-        """Store one output chunk and the frame's sequence number, capping the total."""
+    def append_output(
+        self, run_id: str, machine: str, seq: int, data: str, skipped: int = 0
+    ) -> None:
+        """Store one output chunk and the frame's sequence number, capping the total.
+
+        ``skipped`` is how many bytes of output the wrapper left out right
+        before ``data``. The tail stored so far no longer adjoins what follows,
+        so it is counted as dropped too, and ``data`` starts a new tail.
+        """
         counters = self._output_counters(run_id, machine)
         head_cap = self.max_output_bytes // 2
         tail_cap = self.max_output_bytes - head_cap
         with self._db:
             self._db.execute("BEGIN")
-            if counters.head < head_cap:
+            if skipped:
+                self._db.execute(
+                    "DELETE FROM output WHERE run_id = ? AND machine = ? AND part = 'tail'",
+                    (run_id, machine),
+                )
+                counters.dropped += counters.tail + skipped
+                counters.tail = 0
+            # The head takes output only while nothing has gone past it, so a
+            # short chunk can never land in the head after later output.
+            if counters.head < head_cap and counters.tail == 0 and counters.dropped == 0:
                 head, data = _split_at_bytes(data, head_cap - counters.head)
                 if head:
                     self._db.execute(

@@ -75,6 +75,13 @@ MAX_FRAME_BYTES = 1024 * 1024
 FLUSH_INTERVAL = 0.05
 FLUSH_CHARS = 64 * 1024
 READ_CHUNK_BYTES = 64 * 1024
+# Once the engine's cap keeps only the end of the output, the newest output
+# is sent at most this often, and only while the send window has room. What
+# the command prints faster than that is skipped, so a flood costs the
+# wrapper little more than reading the pipe.
+TAIL_FLUSH_INTERVAL = 0.25
+# Most output held in memory for the end of a capped run.
+TAIL_MEMORY_MAX_BYTES = 16 * 1024 * 1024
 # Output numbered and kept in memory until acknowledged; more waits in the spool.
 WINDOW_OUTPUT_BYTES = 4 * 1024 * 1024
 # Output the spool file keeps while the engine is unreachable; older output is dropped.
@@ -449,7 +456,8 @@ class Spool:
             # Only complete can follow output, and it is the last entry; put it back.
             self.append(kind, fields)
             return 0
-        return len(str(fields.get("data", "")).encode("utf-8"))
+        skipped = fields.get("skipped", 0)
+        return len(str(fields.get("data", "")).encode("utf-8")) + int(skipped)
 
     def close(self, remove: bool) -> None:
         if self._file is not None:
@@ -506,9 +514,14 @@ class Outbox:
         """False while the disk refuses the spool: the command's output is not read then."""
         return not self._spool.failed
 
+    @property
+    def streaming(self) -> bool:
+        """True while a new frame is numbered and sent at once rather than spooled."""
+        return not self._spool and not self._dropped_bytes and self._has_room()
+
     def push(self, kind: str, **fields: Any) -> Frame | None:
         """Queue a frame; return it when it was numbered at once, or None when it was spooled."""
-        if not self._spool and not self._dropped_bytes and self._has_room():
+        if self.streaming:
             return self._number(kind, fields)
         self._spool_entry(kind, fields)
         self.changed.set()
@@ -644,14 +657,71 @@ class LocalRecord:
             log.error("run %s: cannot remove local record %s: %s", self._ids.run, self.path, exc)
 
 
+def continuation_bytes(data: bytes) -> int:
+    """Count the UTF-8 continuation bytes (at most 3) that ``data`` starts with."""
+    count = 0
+    while count < min(3, len(data)) and data[count] & 0xC0 == 0x80:
+        count += 1
+    return count
+
+
+class TailBuffer:
+    """The newest output read and not sent yet: at most ``limit`` bytes.
+
+    Older bytes are let go and counted in ``skipped``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.skipped = 0
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        # Whole chunks go while the others still fill the limit; take() trims the rest.
+        while self._size - len(self._chunks[0]) >= self.limit:
+            oldest = self._chunks.popleft()
+            self._size -= len(oldest)
+            self.skipped += len(oldest)
+
+    def take(self) -> tuple[int, bytes]:
+        """Empty the buffer; return the bytes skipped before its data, and the data."""
+        data = b"".join(self._chunks)
+        excess = max(0, len(data) - self.limit)
+        skipped = self.skipped + excess
+        self._chunks.clear()
+        self._size = 0
+        self.skipped = 0
+        return skipped, data[excess:]
+
+
 class OutputReader:
     """Reads the command's combined stdout and stderr and queues it as `output` frames.
 
     Bytes are decoded incrementally, so a UTF-8 character split between two
     reads arrives whole, and invalid bytes become U+FFFD.
+
+    With an ``output_limit`` (the engine's cap per minion, from its welcome),
+    the first half of the cap is sent as it comes. After that the engine keeps
+    only the newest half, so the reader keeps the newest output in a
+    :class:`TailBuffer` and sends it every TAIL_FLUSH_INTERVAL while the send
+    window has room; output that the buffer let go in between is announced in
+    the next frame's ``skipped``. The end of the output always reaches the engine.
     """
 
-    def __init__(self, fd: int, outbox: Outbox, ids: RunIds, on_eof: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        fd: int,
+        outbox: Outbox,
+        ids: RunIds,
+        on_eof: Callable[[], None],
+        output_limit: int = 0,
+    ) -> None:
         self._loop = asyncio.get_running_loop()
         self._fd = fd
         self._outbox = outbox
@@ -662,6 +732,10 @@ class OutputReader:
         self._buffered_chars = 0
         self._flush_handle: asyncio.TimerHandle | None = None
         self._reading = False
+        # Bytes the engine still keeps from the start of the output; None without a cap.
+        self._head_room: int | None = output_limit // 2 if output_limit > 0 else None
+        self._tail_limit = min(output_limit - output_limit // 2, TAIL_MEMORY_MAX_BYTES)
+        self._tail: TailBuffer | None = None
         self.paused = False
         self.closed = False
         os.set_blocking(fd, False)
@@ -678,6 +752,11 @@ class OutputReader:
         if not data:
             self.close()
             self._on_eof()
+            return
+        if self._tail is not None:
+            self._tail.add(data)
+            if self._flush_handle is None:
+                self._flush_handle = self._loop.call_later(TAIL_FLUSH_INTERVAL, self.flush)
             return
         self._append(self._decoder.decode(data))
 
@@ -696,28 +775,75 @@ class OutputReader:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if not self._buffer:
-            return
-        text = "".join(self._buffer)
-        self._buffer.clear()
-        self._buffered_chars = 0
-        for start in range(0, len(text), FLUSH_CHARS):
-            frame = self._outbox.push("output", data=text[start : start + FLUSH_CHARS])
-            if frame is not None:
-                log.debug("run %s: queued output seq %d", self._ids.run, frame.seq)
-            else:
-                log.debug(
-                    "run %s: spooled output (%d bytes waiting)",
-                    self._ids.run,
-                    self._outbox.spooled_bytes,
-                )
+        if self._buffer:
+            text = "".join(self._buffer)
+            self._buffer.clear()
+            self._buffered_chars = 0
+            self._push_text(text, 0)
+        if self._tail is not None:
+            self._flush_tail()
         self.update_backpressure()
 
+    def _flush_tail(self) -> None:
+        assert self._tail is not None
+        if not self.closed and not len(self._tail):
+            return
+        if not self.closed and not self._outbox.streaming:
+            # The engine has not caught up: keep only the newest output meanwhile.
+            self._flush_handle = self._loop.call_later(TAIL_FLUSH_INTERVAL, self.flush)
+            return
+        skipped, data = self._tail.take()
+        if skipped:
+            # A character that the skip cut in two is skipped whole.
+            skipped += len(self._decoder.getstate()[0])
+            self._decoder.reset()
+            cut = continuation_bytes(data)
+            data = data[cut:]
+            skipped += cut
+            log.debug("run %s: skipped %d bytes of output", self._ids.run, skipped)
+        self._push_text(self._decoder.decode(data, final=self.closed), skipped)
+
+    def _push_text(self, text: str, skipped: int) -> None:
+        if skipped and not text:
+            self._push("", skipped)
+        for start in range(0, len(text), FLUSH_CHARS):
+            self._push(text[start : start + FLUSH_CHARS], skipped if start == 0 else 0)
+
+    def _push(self, text: str, skipped: int) -> None:
+        fields: dict[str, Any] = {"data": text}
+        if skipped:
+            fields["skipped"] = skipped
+        frame = self._outbox.push("output", **fields)
+        if frame is not None:
+            log.debug("run %s: queued output seq %d", self._ids.run, frame.seq)
+        else:
+            log.debug(
+                "run %s: spooled output (%d bytes waiting)",
+                self._ids.run,
+                self._outbox.spooled_bytes,
+            )
+        if self._head_room is not None and self._tail is None:
+            size = len(text.encode("utf-8"))
+            if size < self._head_room:
+                self._head_room -= size
+                return
+            # The engine's head is full: from here on it keeps only the newest output.
+            self._tail = TailBuffer(self._tail_limit)
+            log.debug(
+                "run %s: the engine keeps the newest %d bytes from here on",
+                self._ids.run,
+                self._tail_limit,
+            )
+
     def update_backpressure(self) -> None:
-        """Stop reading the pipe while the spool cannot take output, and resume after."""
+        """Stop reading the pipe while the spool cannot take output, and resume after.
+
+        Once only the newest output is kept, reading never stops: output the
+        engine cannot take yet is skipped instead.
+        """
         if self.closed:
             return
-        paused = not self._outbox.accepting
+        paused = self._tail is None and not self._outbox.accepting
         if paused and self._reading:
             self._loop.remove_reader(self._fd)
             self._reading = False
@@ -744,7 +870,8 @@ class OutputReader:
         if self._reading:
             self._loop.remove_reader(self._fd)
             self._reading = False
-        self._append(self._decoder.decode(b"", final=True))
+        if self._tail is None:
+            self._append(self._decoder.decode(b"", final=True))
         self.flush()
         os.close(self._fd)
 
@@ -769,6 +896,7 @@ class Command:
         self._script: bytes = b""
         self._script_write_fd: int | None = None
         self._kill_grace = DEFAULT_KILL_GRACE
+        self._output_limit = 0
         self._exit_code: int | None = None
         self._pipe_grace_over = False
         self._stop_reason: str | None = None
@@ -793,9 +921,13 @@ class Command:
 
     # -- start -----------------------------------------------------------------
 
-    def start(self, job: object) -> None:
-        """Start the job from the welcome's definition, or queue start_failed."""
+    def start(self, job: object, output_limit: int = 0) -> None:
+        """Start the job from the welcome's definition, or queue start_failed.
+
+        ``output_limit`` is the engine's cap on the output it keeps, 0 for none.
+        """
         self.received_job = True
+        self._output_limit = output_limit
         self.idle_since = None
         if self._kill_requested_before_start:
             self._finish_without_start(
@@ -836,7 +968,9 @@ class Command:
 
         self._pid = self._proc.pid
         self._record_start(plan)
-        self._output = OutputReader(output_read, self._outbox, self._ids, self._on_output_eof)
+        self._output = OutputReader(
+            output_read, self._outbox, self._ids, self._on_output_eof, self._output_limit
+        )
         self._script_write_fd = script_write
         os.set_blocking(script_write, False)
         self._write_script()
@@ -1143,6 +1277,15 @@ class Command:
 # -- the connection to the engine ----------------------------------------------
 
 
+def _output_limit(welcome: Mapping[str, Any]) -> int:
+    """Return the welcome's cap on the output the engine keeps; 0 when it sets none."""
+    limit = welcome.get("output_limit", 0)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        log.warning("welcome has an invalid 'output_limit' %r; sending all output", limit)
+        return 0
+    return limit
+
+
 class Outcome(enum.Enum):
     """End state of one connection to the engine."""
 
@@ -1380,7 +1523,7 @@ class EngineLink:
         self._outbox.ack(acked)
         self._command.on_ack()
         if need_job:
-            self._command.start(job)
+            self._command.start(job, _output_limit(frame))
         return None
 
     def _log_connected(self) -> None:

@@ -224,6 +224,9 @@ class EngineHarness:
             "default_wrapper_loglevel": "off",
             "logdir": str(root / "logs"),
             "startup_wait": 10,
+            # The flood job's output is followed whole: above this cap the
+            # wrapper would send only its end.
+            "max_output_bytes": 16 * 1024 * 1024,
             **(settings or {}),
         }
         self.engine = Engine(

@@ -279,7 +279,9 @@ class TestAuthentication:
         found_run, machine = manager.authenticate(hello(run.run_id, token))
         assert manager.welcome(found_run, machine, need_job=False)["job"] is None
 
-    def test_finished_run_welcomes_with_last_ack(self, manager: RunManager) -> None:
+    def test_finished_run_welcomes_with_last_ack(
+        self, manager: RunManager, store: RunStore
+    ) -> None:
         run, token = start_run(manager, targets=("m1",))
         complete(manager, run, "m1")
         found_run, machine = manager.authenticate(hello(run.run_id, token))
@@ -288,6 +290,7 @@ class TestAuthentication:
             "acked": 2,
             "job": None,
             "heartbeat_interval": 5,
+            "output_limit": store.max_output_bytes,
         }
 
     def test_reloaded_run_without_definition(self, store: RunStore, events: RecordedEvents) -> None:
@@ -606,6 +609,25 @@ class TestObservers:
             ("event", "saltpeter/job/backup/m1/complete"),
             ("event", "saltpeter/job/backup/complete"),
         ]
+
+    def test_skipped_output_is_marked_for_followers_and_store(
+        self, manager: RunManager, store: RunStore
+    ) -> None:
+        observer = RecordingObserver()
+        manager.observers.append(observer)
+        run, _ = start_run(manager, targets=("m1",))
+        machine = run.machines["m1"]
+        manager.on_frame(run, machine, Start(1, 42, "t"))
+        manager.on_frame(run, machine, Output(2, "begin\n"))
+        manager.on_frame(run, machine, Output(3, "end\n", skipped=5000))
+        outputs = [entry[2] for entry in observer.seen if entry[0] == "output"]
+        assert outputs == [
+            "begin\n",
+            "\n[saltpeter: 5000 bytes of output skipped on the minion]\nend\n",
+        ]
+        assert store.output(run.run_id, "m1") == (
+            "begin\n\n[saltpeter: 5000 bytes of output dropped]\nend\n"
+        )
 
     def test_sweep_note_is_streamed(self, manager: RunManager, clock: FakeClock) -> None:
         observer = RecordingObserver()

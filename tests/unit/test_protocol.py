@@ -46,6 +46,11 @@ class TestValidFrames:
     def test_output(self) -> None:
         assert parse_frame(frame(type="output", seq=2, data="x\n")) == Output(2, "x\n")
 
+    def test_output_with_skipped_bytes(self) -> None:
+        parsed = parse_frame(frame(type="output", seq=3, data="end", skipped=4096))
+        assert parsed == Output(3, "end", skipped=4096)
+        assert parse_frame(frame(type="output", seq=3, data="", skipped=None)) == Output(3, "")
+
     def test_complete_with_signal(self) -> None:
         parsed = parse_frame(
             frame(type="complete", seq=3, retcode=137, reason="signal", time="t", signal="SIGKILL")
@@ -67,6 +72,9 @@ class TestRejectedFrames:
             (frame(type="output", seq="1", data=""), "field 'seq' has the wrong type"),
             (frame(type="output", seq=True, data=""), "field 'seq' has the wrong type"),
             (frame(type="output", seq=0, data=""), "seq 0 is below 1"),
+            (frame(type="output", seq=1, data="", skipped=-1), "skipped -1 is below 0"),
+            (frame(type="output", seq=1, data="", skipped="9"), "'skipped' has the wrong type"),
+            (frame(type="output", seq=1, data="", skipped=True), "'skipped' has the wrong type"),
             (frame(type="start", seq=1, pid=1.5, time="t"), "field 'pid' has the wrong type"),
             (
                 frame(type="complete", seq=1, retcode=0, reason="bored", time="t"),

@@ -186,6 +186,52 @@ class TestOutputCap:
         assert "\ufffd" not in output
         assert output.encode("utf-8").decode("utf-8") == output
 
+    def test_head_takes_nothing_after_output_went_past_it(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        # 49 bytes leave one byte of head room, too little for the 2-byte é.
+        store.append_output("backup_1", "m1", 2, "a" * 49)
+        store.append_output("backup_1", "m1", 3, "é-after")
+        store.append_output("backup_1", "m1", 4, "z")
+        assert store.output("backup_1", "m1") == "a" * 49 + "é-after" + "z"
+
+    def test_skipped_output_replaces_the_tail(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        store.append_output("backup_1", "m1", 2, "h" * 50)
+        store.append_output("backup_1", "m1", 3, "old tail ")
+        store.append_output("backup_1", "m1", 4, "new tail", skipped=1000)
+        store.append_output("backup_1", "m1", 5, " goes on")
+        # The old tail does not adjoin the new one, so it counts as dropped.
+        assert store.output("backup_1", "m1") == (
+            "h" * 50 + "\n[saltpeter: 1009 bytes of output dropped]\nnew tail goes on"
+        )
+        row = store._db.execute(
+            "SELECT head_bytes, tail_bytes, dropped_bytes, last_seq FROM results "
+            "WHERE machine = 'm1'"
+        ).fetchone()
+        assert tuple(row) == (50, 16, 1009, 5)
+
+    def test_skip_before_the_head_is_full_closes_it(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        store.append_output("backup_1", "m1", 2, "start ")
+        store.append_output("backup_1", "m1", 3, "end", skipped=7)
+        assert store.output("backup_1", "m1") == (
+            "start \n[saltpeter: 7 bytes of output dropped]\nend"
+        )
+
+    def test_skipped_counts_survive_a_reopen(self, tmp_path: Path) -> None:
+        path = tmp_path / "sp.db"
+        first = RunStore(path, max_output_bytes=100)
+        first.insert_run(make_run(), ["m1"], [])
+        first.append_output("backup_1", "m1", 2, "h" * 50)
+        first.append_output("backup_1", "m1", 3, "tail", skipped=10)
+        first.close()
+        second = RunStore(path, max_output_bytes=100)
+        second.append_output("backup_1", "m1", 4, "!")
+        assert second.output("backup_1", "m1") == (
+            "h" * 50 + "\n[saltpeter: 10 bytes of output dropped]\ntail!"
+        )
+        second.close()
+
     def test_outputs_are_separate_per_minion(self, store: RunStore) -> None:
         store.insert_run(make_run(), ["m1", "m2"], [])
         store.append_output("backup_1", "m1", 2, "one")

@@ -428,6 +428,66 @@ def drain(outbox: Outbox) -> list[dict[str, Any]]:
         outbox.ack(frame.seq)
 
 
+class TestTailBuffer:
+    def test_keeps_everything_below_the_limit(self) -> None:
+        tail = wrapper.TailBuffer(10)
+        tail.add(b"abc")
+        tail.add(b"def")
+        assert len(tail) == 6
+        assert tail.take() == (0, b"abcdef")
+        assert tail.take() == (0, b"")
+
+    def test_keeps_the_newest_bytes_and_counts_the_rest(self) -> None:
+        tail = wrapper.TailBuffer(5)
+        for chunk in (b"0123", b"4567", b"89"):
+            tail.add(chunk)
+        assert tail.take() == (5, b"56789")
+
+    @given(st.lists(st.binary(min_size=1, max_size=40), max_size=30), st.integers(1, 64))
+    def test_skipped_plus_kept_is_total(self, chunks: list[bytes], limit: int) -> None:
+        tail = wrapper.TailBuffer(limit)
+        for chunk in chunks:
+            tail.add(chunk)
+            # Memory stays bounded by the limit plus one read.
+            assert len(tail) < limit + 40
+        everything = b"".join(chunks)
+        skipped, kept = tail.take()
+        assert skipped + len(kept) == len(everything)
+        assert kept == everything[len(everything) - min(limit, len(everything)) :]
+
+
+class TestContinuationBytes:
+    @pytest.mark.parametrize(
+        ("data", "count"),
+        [
+            (b"", 0),
+            (b"abc", 0),
+            ("€".encode()[1:], 2),
+            ("😀".encode()[1:] + b"x", 3),
+            (b"\x80\x80\x80\x80", 3),
+        ],
+    )
+    def test_counts_leading_continuation_bytes(self, data: bytes, count: int) -> None:
+        assert wrapper.continuation_bytes(data) == count
+
+
+class TestOutputLimitField:
+    @pytest.mark.parametrize(
+        ("welcome", "limit"),
+        [
+            ({}, 0),
+            ({"output_limit": 1048576}, 1048576),
+            ({"output_limit": 0}, 0),
+            ({"output_limit": -5}, 0),
+            ({"output_limit": True}, 0),
+            ({"output_limit": "1024"}, 0),
+            ({"output_limit": 1.5}, 0),
+        ],
+    )
+    def test_reads_the_welcome(self, welcome: dict[str, Any], limit: int) -> None:
+        assert wrapper._output_limit(welcome) == limit
+
+
 class TestSpooling:
     def make(self, tmp_path: Path | None = None, **sizes: int) -> Outbox:
         async def build() -> Outbox:
@@ -453,6 +513,13 @@ class TestSpooling:
         assert [frame.get("data") for frame in frames[1:4]] == ["aaaa", "bbbb", "cccc"]
         assert frames[-1]["type"] == "complete"
         assert outbox.complete_acked
+
+    def test_dropping_an_entry_counts_what_it_skipped(self) -> None:
+        spool = wrapper.Spool(None, 1000)
+        spool.append("output", {"data": "ab", "skipped": 10})
+        spool.append("output", {"data": "cd"})
+        assert spool.drop_oldest_output() == 12
+        assert spool.drop_oldest_output() == 2
 
     def test_full_spool_drops_oldest_and_says_so(self) -> None:
         outbox = self.make(window_bytes=1, spool_max_bytes=60)

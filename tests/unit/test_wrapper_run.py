@@ -135,6 +135,78 @@ class TestOutput:
         assert output == "0\n1\n2\n"
 
 
+OUTPUT_LIMIT = 64 * 1024
+HEAD_BYTES = OUTPUT_LIMIT // 2
+TAIL_BYTES = OUTPUT_LIMIT - HEAD_BYTES
+
+
+def skip_positions(frames: list[dict[str, Any]], expected: str) -> list[int]:
+    """Check that ``frames`` carry ``expected`` in order, apart from the bytes they
+    report as skipped, and return the offset of each skip. ``expected`` is ASCII."""
+    position = 0
+    skips = []
+    for frame in frames:
+        if frame.get("skipped"):
+            skips.append(position)
+            position += frame["skipped"]
+        data = frame["data"]
+        assert expected[position : position + len(data)] == data
+        position += len(data)
+    assert position == len(expected)
+    return skips
+
+
+class TestOutputLimit:
+    def test_flood_keeps_the_exact_start_and_end(
+        self, peer: ScriptedPeer, run: WrapperProcess
+    ) -> None:
+        peer.output_limit = OUTPUT_LIMIT
+        run_to_completion(peer, run, "seq 1 2000000")
+        expected = "".join(f"{i}\n" for i in range(1, 2000001))
+        skips = skip_positions(peer.stored_of("output"), expected)
+        assert skips, "a flood of 14 MB past a 32 KiB tail should skip output"
+        assert skips[0] >= HEAD_BYTES
+        # Everything after the last skip arrived, and it covers the whole tail.
+        last_frame = [frame for frame in peer.stored_of("output") if frame.get("skipped")][-1]
+        assert len(expected) - skips[-1] - last_frame["skipped"] >= TAIL_BYTES
+
+    def test_output_past_the_head_streams_live(
+        self, peer: ScriptedPeer, run: WrapperProcess, tmp_path: Path
+    ) -> None:
+        peer.output_limit = OUTPUT_LIMIT
+        go_on = tmp_path / "go-on"
+        # 40,000 bytes go past the head but fit the tail, so none can be skipped.
+        peer.job = job(
+            f"head -c 40000 /dev/zero | tr '\\0' y; "
+            f"while [ ! -e {go_on} ]; do sleep 0.05; done; echo done"
+        )
+        run.start()
+        peer.wait_for(lambda: len(peer.output()) >= 40000, "the output while the command runs")
+        go_on.touch()
+        peer.wait_complete()
+        assert run.wait_exit() == 0
+        assert peer.output() == "y" * 40000 + "done\n"
+        assert not any(frame.get("skipped") for frame in peer.stored_of("output"))
+
+    def test_silent_engine_never_blocks_nor_fills_the_spool(
+        self, peer: ScriptedPeer, run: WrapperProcess, tmp_path: Path
+    ) -> None:
+        total = 20_000_000
+        finished = tmp_path / "writer-finished"
+        peer.output_limit = OUTPUT_LIMIT
+        peer.withhold_acks = True
+        peer.job = job(f"head -c {total} /dev/zero | tr '\\0' x; touch {finished}")
+        run.start()
+        peer.wait_for(finished.exists, "the command to finish without acks", timeout=60)
+        spooled = sum(path.stat().st_size for path in Path(run.statedir).glob("*.spool"))
+        assert spooled <= 2 * OUTPUT_LIMIT
+        peer.release_acks()
+        peer.wait_complete(timeout=60)
+        assert run.wait_exit() == 0
+        skips = skip_positions(peer.stored_of("output"), "x" * total)
+        assert skips and skips[0] >= HEAD_BYTES
+
+
 class TestResend:
     LINES_COMMAND = "for i in 1 2 3 4 5 6 7 8; do echo line$i; sleep 0.1; done"
     LINES = "".join(f"line{i}\n" for i in range(1, 9))

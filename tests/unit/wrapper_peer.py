@@ -67,6 +67,8 @@ class ScriptedPeer:
       (as if frames were lost in flight), and send no acks there.
     - ``close_after``: close the first connection once it has delivered this
       many sequenced frames.
+    - ``output_limit``: the engine's output cap to announce in the welcome;
+      None announces none, as an engine before the cap was announced.
     """
 
     def __init__(self, token: str, heartbeat_interval: float = 5.0) -> None:
@@ -78,6 +80,7 @@ class ScriptedPeer:
         self.duplicate_acks = False
         self.store_limit: int | None = None
         self.close_after: int | None = None
+        self.output_limit: int | None = None
         # Everything received: (connection number, frame).
         self.received: list[tuple[int, dict[str, Any]]] = []
         self.stored: list[dict[str, Any]] = []
@@ -251,6 +254,8 @@ class ScriptedPeer:
                 "job": self.job if frame.get("need_job") else None,
                 "heartbeat_interval": self.heartbeat_interval,
             }
+            if self.output_limit is not None:
+                welcome["output_limit"] = self.output_limit
             return [welcome]
         if "seq" not in frame:
             return []
