@@ -7,11 +7,17 @@ the engine's WebSocket, runs it and reports back, as docs/protocol.md in the
 Saltpeter repository describes. :py:func:`running` and :py:func:`kill_local`
 work from the wrapper's local records, without the engine.
 
-Every function runs the deployed wrapper file with the minion's own Python
-(``sp_wrapper.py launch``, ``running``, ``kill-local``, ``--version``), so a
-minion needs only that file, which ``salt MINION state.apply saltpeter``
-installs, and this module, which ``saltutil.sync_modules`` or ``pip install
-saltpeter`` provides. The ``saltpeter`` package itself is not needed here.
+Every function uses the deployed wrapper file, so a minion needs only that
+file, which ``salt MINION state.apply saltpeter`` installs, and this module,
+which ``saltutil.sync_modules`` or ``pip install saltpeter`` provides. The
+``saltpeter`` package itself is not needed here. :py:func:`launch` loads the
+wrapper file's launcher code into the Salt job process and starts the
+wrapper from there, which saves a Python process per run. It runs the file
+as ``sp_wrapper.py launch`` instead when the minion runs jobs in threads
+(``multiprocessing: False``), because the wrapper would then stay a child of
+the minion itself, or when the deployed file is too old for that. The other
+functions run the file with the minion's own Python (``sp_wrapper.py
+running``, ``kill-local``, ``--version``).
 
 :configuration: Two minion options set where the wrapper's files are:
 
@@ -24,11 +30,13 @@ saltpeter`` provides. The ``saltpeter`` package itself is not needed here.
         saltpeter_wrapper_path: /usr/local/bin/sp_wrapper.py
 """
 
+import inspect
 import json
 import logging
 import os
 import subprocess
 import sys
+import types
 
 from salt.exceptions import CommandExecutionError
 
@@ -42,6 +50,10 @@ DEFAULT_STATEDIR = "/var/run/saltpeter"
 READY_TIMEOUT = 10
 # Seconds a subcommand may take beyond its own waits before it is abandoned.
 SUBCOMMAND_MARGIN = 20
+
+
+# The deployed wrapper files loaded into this process, by path and modification time.
+_loaded_wrappers = {}
 
 
 def __virtual__():
@@ -96,6 +108,42 @@ def _run_wrapper(wrapper_path, args, timeout, env=None):
         ) from None
 
 
+def _load_wrapper(wrapper_path):
+    """
+    Load the wrapper file as a module and return it, or None when it cannot
+    start a run from this process: the file is unreadable, broken, or older
+    than its in-process launcher.
+    """
+    try:
+        key = (wrapper_path, os.stat(wrapper_path).st_mtime_ns)
+    except OSError:
+        return None
+    if key in _loaded_wrappers:
+        return _loaded_wrappers[key]
+
+    name = "_saltpeter_deployed_wrapper"
+    module = types.ModuleType(name)
+    module.__file__ = wrapper_path
+    # Dataclasses look their module up in sys.modules while the file runs.
+    sys.modules[name] = module
+    try:
+        with open(wrapper_path, "rb") as handle:
+            code = compile(handle.read(), wrapper_path, "exec")
+        exec(code, module.__dict__)
+        parameters = inspect.signature(module.launch).parameters
+    except (Exception, SystemExit) as exc:
+        # The subcommand then reports the failure with the wrapper's own error output.
+        log.debug("saltpeter: cannot load %s in this process: %s", wrapper_path, exc)
+        return None
+    finally:
+        sys.modules.pop(name, None)
+
+    if "key_path" not in parameters:
+        return None
+    _loaded_wrappers[key] = module
+    return module
+
+
 def launch(
     run_id,
     job,
@@ -146,6 +194,35 @@ def launch(
         salt '*' saltpeter.launch 3f2a9c backup ws://master:8889/wrapper TOKEN loglevel=debug
     """
     path = _wrapper_path(wrapper_path)
+    key_path = os.path.join(__opts__["pki_dir"], "minion.pem")
+    wrapper = _load_wrapper(path) if __opts__.get("multiprocessing", True) else None
+    if wrapper is not None:
+        # The wrapper signs the run credential with this minion's Salt key,
+        # which proves to the engine that the run's token is used by this minion.
+        result = wrapper.launch(
+            run_id=str(run_id),
+            job=str(job),
+            url=str(url),
+            token=str(token),
+            machine_id=__opts__["id"],
+            wrapper_path=path,
+            loglevel=loglevel,
+            logdir=logdir,
+            statedir=_statedir(),
+            ready_timeout=READY_TIMEOUT,
+            cafile=cafile or None,
+            key_path=key_path,
+        )
+    else:
+        result = _launch_subcommand(path, run_id, job, url, token, loglevel, logdir, cafile)
+    if not result.get("started"):
+        log.error("saltpeter: run %s of job %s did not start: %s", run_id, job, result.get("error"))
+        __context__["retcode"] = 1
+    return result
+
+
+def _launch_subcommand(path, run_id, job, url, token, loglevel, logdir, cafile):
+    """Start the wrapper through ``sp_wrapper.py launch``; return its result."""
     args = [
         "launch",
         f"--run={run_id}",
@@ -170,9 +247,6 @@ def launch(
         result = {"started": False, "error": str(exc)}
     if not isinstance(result, dict):
         result = {"started": False, "error": f"{path} launch printed {result!r}"}
-    if not result.get("started"):
-        log.error("saltpeter: run %s of job %s did not start: %s", run_id, job, result.get("error"))
-        __context__["retcode"] = 1
     return result
 
 

@@ -493,7 +493,7 @@ class TestExecutionModule:
             wait_gone(pid)
         assert "retcode" not in module.__context__
 
-    def test_launched_wrapper_outlives_launcher(
+    def test_launch_starts_wrapper_in_process(
         self, module: ModuleType, peer: ScriptedPeer, tmp_path: Path
     ) -> None:
         peer.job = job("sleep 0.5")
@@ -502,10 +502,69 @@ class TestExecutionModule:
         )
         pid = int(result["pid"])
         try:
-            assert process_parent(pid) != os.getpid()
+            # No launcher process in between: the Salt job process is the parent.
+            assert process_parent(pid) == os.getpid()
             peer.wait_complete()
         finally:
             wait_gone(pid)
+
+    def test_wrapper_outlives_the_job_process(
+        self, module: ModuleType, peer: ScriptedPeer, tmp_path: Path
+    ) -> None:
+        peer.job = job("sleep 1")
+        read_end, write_end = os.pipe()
+        job_process = os.fork()
+        if job_process == 0:
+            # The Salt job process: launch, report, and exit as Salt's would.
+            try:
+                result = module.launch(
+                    new_run_id(), "testjob", peer.url, peer.token, logdir=str(tmp_path / "log")
+                )
+                os.write(write_end, json.dumps(result).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            result = json.loads(pipe.read())
+        os.waitpid(job_process, 0)
+        pid = int(result["pid"])
+        try:
+            assert process_parent(pid) not in (job_process, os.getpid())
+            assert peer.wait_complete()["retcode"] == 0
+        finally:
+            wait_gone(pid)
+
+    def test_threaded_minion_uses_launcher_subcommand(
+        self, module: ModuleType, peer: ScriptedPeer, tmp_path: Path
+    ) -> None:
+        module.__opts__["multiprocessing"] = False
+        peer.job = job("sleep 0.5")
+        result = module.launch(
+            new_run_id(), "testjob", peer.url, peer.token, logdir=str(tmp_path / "log")
+        )
+        pid = int(result["pid"])
+        try:
+            # The launcher subcommand started the wrapper and exited.
+            assert process_parent(pid) != os.getpid()
+            assert peer.wait_complete()["retcode"] == 0
+        finally:
+            wait_gone(pid)
+
+    def test_wrapper_without_key_path_uses_subcommand(
+        self, module: ModuleType, tmp_path: Path
+    ) -> None:
+        script = fake_wrapper(
+            tmp_path,
+            "import json\n"
+            "def launch(run_id, job, url, token, machine_id, wrapper_path, loglevel, logdir,\n"
+            "           statedir):\n"
+            "    raise AssertionError('called in process')\n"
+            "if __name__ == '__main__':\n"
+            "    print(json.dumps({'started': False, 'error': 'launched by the subcommand'}))\n",
+        )
+        result = module.launch("r1", "testjob", "ws://127.0.0.1:9/", "tok", wrapper_path=script)
+        assert result == {"started": False, "error": "launched by the subcommand"}
+        assert module.__context__["retcode"] == 1
 
     def test_launch_token_not_in_any_argv(
         self, module: ModuleType, peer: ScriptedPeer, tmp_path: Path
