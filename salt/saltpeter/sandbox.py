@@ -967,23 +967,29 @@ class Sandbox:
         self._wait_for_minions(minion_ids, Deadline.after(timeout))
 
     def _wait_for_minions(self, minion_ids: Sequence[str], deadline: Deadline) -> None:
+        silent = self._silent_minions(minion_ids, deadline)
+        if not silent:
+            return
+        others = f"and {len(silent) - 1} other minions " if len(silent) > 1 else ""
+        raise self._daemon_failure(
+            self.layout.minion(silent[0]),
+            f"{others}did not respond to test.ping within {deadline.timeout:g} s",
+        )
+
+    def _silent_minions(self, minion_ids: Sequence[str], deadline: Deadline) -> list[str]:
+        """Ping MINION_IDS until all respond or DEADLINE passes; return those that did not."""
         layout = self.layout
         daemons = [layout.master, *(layout.minion(minion_id) for minion_id in minion_ids)]
         silent = list(minion_ids)
-        while True:
+        while silent:
             self._check_daemons(daemons)
             if deadline.passed():
                 break
             replies = self._ping(silent, min(deadline.remaining(), 30.0))
             silent = [minion_id for minion_id in silent if replies.get(minion_id) is not True]
-            if not silent:
-                return
-            time.sleep(min(1.0, deadline.remaining()))
-        others = f"and {len(silent) - 1} other minions " if len(silent) > 1 else ""
-        raise self._daemon_failure(
-            layout.minion(silent[0]),
-            f"{others}did not respond to test.ping within {deadline.timeout:g} s",
-        )
+            if silent:
+                time.sleep(min(1.0, deadline.remaining()))
+        return silent
 
     def _ping(self, minion_ids: Sequence[str], timeout: float) -> dict[str, object]:
         """Return the minions' ``test.ping`` replies, or {} when the salt command fails."""
@@ -1065,7 +1071,30 @@ class Sandbox:
         self._wait_for_master(deadline)
         running = [minion.name for minion in self.layout.minions if minion.pid() is not None]
         if running:
-            self._wait_for_minions(running, deadline)
+            self._reconnect_minions(running, deadline)
+
+    def _reconnect_minions(self, minion_ids: Sequence[str], deadline: Deadline) -> None:
+        """Wait until MINION_IDS respond to a master that started again.
+
+        A minion can stay silent after its master restarts: its return of a
+        ping times out, and it responds to no later ping either. This was seen
+        with Salt 3008.4 and the cores busy. Minions that are still silent
+        halfway to DEADLINE are restarted, which makes them authenticate again.
+        """
+        halfway = Deadline.after(deadline.remaining() / 2)
+        silent = self._silent_minions(minion_ids, halfway)
+        if not silent:
+            return
+        log.warning(
+            "minions %s did not respond within %.0f s of the master's start; restarting them",
+            ", ".join(silent),
+            halfway.timeout,
+        )
+        for minion_id in silent:
+            minion = self.layout.minion(minion_id)
+            self._stop_daemon(minion, signal.SIGTERM)
+            self._start_daemon(minion, deadline)
+        self._wait_for_minions(minion_ids, deadline)
 
     def stop_master(self, sig: signal.Signals = signal.SIGTERM) -> None:
         """Stop the master with SIG and wait until none of its processes is left.
@@ -1099,6 +1128,9 @@ class Sandbox:
                 _send(group, sig, group=True)
             else:
                 _send(pid, sig)
+        # A stopped process acts on the signal only once it is continued.
+        for member in daemon.processes():
+            _send(member, signal.SIGCONT)
         deadline = Deadline.after(STOP_GRACE)
         while daemon.processes() and not deadline.passed():
             time.sleep(0.1)

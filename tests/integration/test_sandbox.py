@@ -347,6 +347,17 @@ class TestPythonApi:
         replies = sandbox.salt("*", "test.ping")
         assert replies == {"minion-1": True, "minion-2": True, "minion-3": True}
 
+    def test_master_restart_revives_silent_minion(self, sandbox: Sandbox) -> None:
+        minion = sandbox.layout.minion("minion-3")
+        before = minion.pid()
+        # Stopped processes stand in for a minion that no longer responds to its master.
+        for pid in minion.processes():
+            os.kill(pid, signal.SIGSTOP)
+        sandbox.restart_master(timeout=60)
+        assert minion.pid() != before
+        replies = sandbox.salt("*", "test.ping")
+        assert replies == {"minion-1": True, "minion-2": True, "minion-3": True}
+
 
 def read_lines(stream: IO[str], lines: queue.Queue[str]) -> None:
     for line in stream:
