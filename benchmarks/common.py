@@ -226,6 +226,48 @@ def cpu_percent_between(first: ProcessSample, second: ProcessSample) -> float:
     return 100.0 * (second.cpu_seconds - first.cpu_seconds) / wall if wall > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class CpuSnapshot:
+    """The machine's busy CPU seconds so far, and the CPU seconds of each Salt daemon process."""
+
+    busy: float
+    # PID to (kind, CPU seconds); kind is "engine", "master" or "minion".
+    salt: dict[int, tuple[str, float]]
+
+
+def _salt_kind(cmdline: str) -> str | None:
+    if "salt-master" in cmdline:
+        return "engine" if "saltpeter" in cmdline and "Engine" in cmdline else "master"
+    return "minion" if "salt-minion" in cmdline else None
+
+
+def cpu_snapshot() -> CpuSnapshot:
+    """Read the machine's busy CPU seconds and those of every running Salt process."""
+    salt = {}
+    for process in psutil.process_iter(["cmdline", "cpu_times"]):
+        kind = _salt_kind(" ".join(process.info["cmdline"] or []))
+        times = process.info["cpu_times"]
+        if kind is not None and times is not None:
+            salt[process.pid] = (kind, times.user + times.system)
+    return CpuSnapshot(system_busy_seconds(), salt)
+
+
+def cpu_by_kind(first: CpuSnapshot, second: CpuSnapshot) -> dict[str, float]:
+    """Split the busy CPU seconds between two snapshots by kind of process.
+
+    "engine", "master" and "minion" count the Salt processes that ran at both
+    snapshots: the Saltpeter engine's, the rest of the master's, and the minion
+    daemons'. "other" is the remainder: processes that started or ended in
+    between, such as Salt's job processes, wrappers and commands, and the kernel.
+    """
+    kinds = {"engine": 0.0, "master": 0.0, "minion": 0.0}
+    for pid, (kind, seconds) in second.salt.items():
+        if pid in first.salt:
+            kinds[kind] += seconds - first.salt[pid][1]
+    kinds["other"] = max(0.0, second.busy - first.busy - sum(kinds.values()))
+    return kinds
+
+
 def pid_listening_on(port: int, address: str = LOCALHOST) -> int | None:
     """Return the PID of the process with a TCP socket listening on ADDRESS:PORT, or None."""
     for connection in psutil.net_connections(kind="tcp"):

@@ -358,9 +358,12 @@ class Host:
         self.engine.loader.load = self.timings.wrap("load", self.engine.loader.load)  # type: ignore[method-assign]
         # A reload is applied in slices with the event loop running between
         # them, so "apply" is the time from the first slice to the last.
-        self.engine._apply_jobs = self.timings.wrap_async(  # type: ignore[method-assign]
-            "apply", self.engine._apply_jobs
-        )
+        # Engines older than the slices (measured with run.py --tree) record no
+        # "apply" time.
+        if hasattr(self.engine, "_apply_jobs"):
+            self.engine._apply_jobs = self.timings.wrap_async(  # type: ignore[method-assign]
+                "apply", self.engine._apply_jobs
+            )
         self.lag_probe = LagProbe() if args.lag_probe else None
         self.started_wall = time.time()
         self.ready_wall: float | None = None

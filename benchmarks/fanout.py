@@ -12,7 +12,12 @@ is timed. Each repetition therefore measures both under the same conditions.
 - Salt: the wall time of ``salt -c MASTER '*' test.ping``, which includes the
   command's own start-up, and, for reference, the time of
   ``LocalClient.cmd('*', 'test.ping')`` in a process that has Salt imported
-  already.
+  already;
+- CPU: the core-seconds the machine spent from just before the fire until
+  the run finished, and during ``salt '*' test.ping``, split into the
+  Saltpeter engine, the rest of the master, the minion daemons, and the
+  processes that lived only in between (Salt's job processes, the wrappers,
+  the commands, the ``salt`` command itself).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any
 
 from benchmarks.common import (
     Result,
+    cpu_by_kind,
+    cpu_snapshot,
     cron_fields,
     median,
     scratch_dir,
@@ -40,6 +47,12 @@ log = logging.getLogger(__name__)
 
 RATIO_TARGET = 1.5
 JOB = "fanout"
+CPU_KINDS = (
+    ("engine", "Saltpeter engine"),
+    ("master", "rest of the master"),
+    ("minion", "minion daemons"),
+    ("other", "short-lived processes"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,13 +144,18 @@ def run(args: argparse.Namespace) -> Result:
             slot = now.replace(second=second, microsecond=0)
             while slot <= now + timedelta(seconds=2):
                 slot += timedelta(minutes=1)
+            time.sleep(max(0.0, slot.timestamp() - 1 - time.time()))
+            before_run = cpu_snapshot()
             figures = wait_until(
                 lambda slot=slot: run_figures(sandbox.store_path, slot),
-                max(120.0, (slot - now).total_seconds() + 90),
+                120.0,
                 f"the run of the {slot.isoformat()} slot",
             )
+            run_cpu = cpu_by_kind(before_run, cpu_snapshot())
             time.sleep(max(0.0, slot.timestamp() + 30 - time.time()))
+            before_ping = cpu_snapshot()
             cli_seconds, cli_true = time_ping_cli(sandbox, args.minions)
+            ping_cpu = cpu_by_kind(before_ping, cpu_snapshot())
             time.sleep(3)
             client_seconds, client_true = time_ping_client(client)
             figures.update(
@@ -146,6 +164,8 @@ def run(args: argparse.Namespace) -> Result:
                     "ping_cli_true": cli_true,
                     "ping_client_seconds": client_seconds,
                     "ping_client_true": client_true,
+                    "run_cpu_seconds": run_cpu,
+                    "ping_cli_cpu_seconds": ping_cpu,
                     "warm_up": index == 0,
                 }
             )
@@ -186,6 +206,21 @@ def run(args: argparse.Namespace) -> Result:
         "",
         basis=basis,
     )
+    measures = (("the run", "run_cpu_seconds"), ("salt '*' test.ping", "ping_cli_cpu_seconds"))
+    for label, key in measures:
+        result.add(
+            f"CPU for {label}, all processes",
+            median(sum(r[key].values()) for r in measured),
+            "core-s",
+            basis=basis,
+        )
+        for kind, name in CPU_KINDS:
+            result.add(
+                f"CPU for {label}, {name}",
+                median(r[key][kind] for r in measured),
+                "core-s",
+                basis=basis,
+            )
     complete = all(r["started"] == args.minions for r in measured)
     result.add("every minion started in every run", float(complete), "", "1", complete)
     return result
