@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import gc
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -282,3 +283,27 @@ class TestReload:
         # Other work ran while the scheduler held only a part of the new jobs.
         assert any(0 < count < len(many) for count in seen_between)
         assert len(engine.scheduler._entries) == len(many)
+
+
+class TestReloadGarbageCollection:
+    def test_reload_leaves_no_young_objects(self, engine: Engine, tmp_path: Path) -> None:
+        lines = []
+        for number in range(300):
+            lines += [f"job{number:03d}:", "  min: '*/5'", "  hour: '*'", "  dom: '*'"]
+            lines += ["  mon: '*'", "  dow: '*'", "  targets: '*'", f"  command: echo {number}"]
+        (tmp_path / "config").mkdir()
+        (tmp_path / "config" / "jobs.yaml").write_text("\n".join(lines) + "\n")
+        gc.collect()
+        frozen_before = gc.get_freeze_count()
+        try:
+            snapshot = engine._reload()
+            # A young-generation pass would have nothing of the load's to walk.
+            young = gc.get_count()[0]
+            frozen_after = gc.get_freeze_count()
+            enabled = gc.isenabled()
+        finally:
+            gc.unfreeze()
+        assert len(snapshot.jobs) == 300
+        assert enabled
+        assert young < gc.get_threshold()[0]
+        assert frozen_after > frozen_before
