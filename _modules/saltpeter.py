@@ -194,11 +194,11 @@ def launch(
         salt '*' saltpeter.launch 3f2a9c backup ws://master:8889/wrapper TOKEN loglevel=debug
     """
     path = _wrapper_path(wrapper_path)
+    # The run credential is signed with this minion's Salt key, which proves
+    # to the engine that the run's token is used by this minion.
     key_path = os.path.join(__opts__["pki_dir"], "minion.pem")
     wrapper = _load_wrapper(path) if __opts__.get("multiprocessing", True) else None
     if wrapper is not None:
-        # The wrapper signs the run credential with this minion's Salt key,
-        # which proves to the engine that the run's token is used by this minion.
         result = wrapper.launch(
             run_id=str(run_id),
             job=str(job),
@@ -214,14 +214,16 @@ def launch(
             key_path=key_path,
         )
     else:
-        result = _launch_subcommand(path, run_id, job, url, token, loglevel, logdir, cafile)
+        result = _launch_subcommand(
+            path, run_id, job, url, token, loglevel, logdir, cafile, key_path
+        )
     if not result.get("started"):
         log.error("saltpeter: run %s of job %s did not start: %s", run_id, job, result.get("error"))
         __context__["retcode"] = 1
     return result
 
 
-def _launch_subcommand(path, run_id, job, url, token, loglevel, logdir, cafile):
+def _launch_subcommand(path, run_id, job, url, token, loglevel, logdir, cafile, key_path):
     """Start the wrapper through ``sp_wrapper.py launch``; return its result."""
     args = [
         "launch",
@@ -236,9 +238,7 @@ def _launch_subcommand(path, run_id, job, url, token, loglevel, logdir, cafile):
     ]
     if cafile:
         args.append(f"--cafile={cafile}")
-    # The wrapper signs the run credential with this minion's Salt key, which
-    # proves to the engine that the run's token is used by this minion.
-    args.append(f"--key={os.path.join(__opts__['pki_dir'], 'minion.pem')}")
+    args.append(f"--key={key_path}")
     env = {key: value for key, value in os.environ.items() if key != "SP_RUN_TOKEN"}
     env["SP_RUN_TOKEN"] = str(token)
     try:

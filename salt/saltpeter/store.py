@@ -8,8 +8,8 @@ Output kept per minion and run is capped at ``max_output_bytes`` (UTF-8
 bytes): the first half is kept as it arrived, and after that only the most
 recent half, so the start and the end of a long output both survive. The
 read side marks the cut with how many bytes were dropped. The engine sends
-each wrapper the cap, and a wrapper may leave out output past the first
-half that it could not send in time; such output counts as dropped too.
+each wrapper the cap. Past the first half, a wrapper may leave out output
+that it could not send in time, and that output counts as dropped too.
 """
 
 from __future__ import annotations

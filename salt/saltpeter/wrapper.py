@@ -1277,11 +1277,15 @@ class Command:
 # -- the connection to the engine ----------------------------------------------
 
 
-def _output_limit(welcome: Mapping[str, Any]) -> int:
+def _output_limit(welcome: Mapping[str, Any], run_id: str = "-") -> int:
     """Return the welcome's cap on the output the engine keeps; 0 when it sets none."""
     limit = welcome.get("output_limit", 0)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
-        log.warning("welcome has an invalid 'output_limit' %r; sending all output", limit)
+        log.warning(
+            "run %s: the welcome has an invalid 'output_limit' %r; sending all output",
+            run_id,
+            limit,
+        )
         return 0
     return limit
 
@@ -1523,7 +1527,7 @@ class EngineLink:
         self._outbox.ack(acked)
         self._command.on_ack()
         if need_job:
-            self._command.start(job, _output_limit(frame))
+            self._command.start(job, _output_limit(frame, self._ids.run))
         return None
 
     def _log_connected(self) -> None:

@@ -451,9 +451,9 @@ class TestTailBuffer:
             # Memory stays bounded by the limit plus one read.
             assert len(tail) < limit + 40
         everything = b"".join(chunks)
-        skipped, kept = tail.take()
-        assert skipped + len(kept) == len(everything)
-        assert kept == everything[len(everything) - min(limit, len(everything)) :]
+        skipped, newest = tail.take()
+        assert skipped + len(newest) == len(everything)
+        assert newest == everything[len(everything) - min(limit, len(everything)) :]
 
 
 class TestContinuationBytes:
