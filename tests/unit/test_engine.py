@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import gc
+import sys
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -17,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from saltpeter.config import Maintenance, Settings, parse_job
+from saltpeter import engine as engine_module
+from saltpeter.config import ConfigSnapshot, Maintenance, Settings, parse_job
 from saltpeter.engine import APPLY_SLICE, NEXT_RUN_WRITE_DELAY, Engine
 from saltpeter.runs import Trigger
 from saltpeter.scheduler import Scheduler
@@ -307,3 +309,38 @@ class TestReloadGarbageCollection:
         assert enabled
         assert young < gc.get_threshold()[0]
         assert frozen_after > frozen_before
+
+    def test_reload_shortens_the_switch_interval_while_loading(
+        self, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        seen = []
+        real_load = engine.loader.load
+
+        def load() -> ConfigSnapshot:
+            seen.append(sys.getswitchinterval())
+            return real_load()
+
+        monkeypatch.setattr(engine.loader, "load", load)
+        before = sys.getswitchinterval()
+        try:
+            engine._reload()
+        finally:
+            gc.unfreeze()
+        assert seen == [pytest.approx(engine_module.RELOAD_SWITCH_INTERVAL)]
+        assert sys.getswitchinterval() == before
+
+    def test_failed_reload_restores_the_switch_interval(
+        self, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def load() -> ConfigSnapshot:
+            raise RuntimeError("load failed")
+
+        monkeypatch.setattr(engine.loader, "load", load)
+        before = sys.getswitchinterval()
+        try:
+            with pytest.raises(RuntimeError, match="load failed"):
+                engine._reload()
+        finally:
+            gc.unfreeze()
+        assert sys.getswitchinterval() == before
+        assert gc.isenabled()
