@@ -1946,12 +1946,24 @@ def sign_credential(key_path: str, run_id: str, machine_id: str, token: str) -> 
     anyone act as this minion. RSA PKCS#1 v1.5 with SHA-256, through the
     ``cryptography`` package, which every Salt installation has. Imported
     here so the rest of the wrapper needs only the standard library and Tornado.
+
+    The key is loaded without the consistency check of its primes. That check
+    guards against keys from elsewhere, and this key is the minion's own,
+    made by Salt on this host and used by Salt with the master. The check
+    costs 36 ms for a 2048-bit key and 260 ms for a 4096-bit one on every
+    launch (measured with cryptography 50), while signing takes 1 ms to 2 ms.
     """
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
     with open(key_path, "rb") as handle:
-        key = serialization.load_pem_private_key(handle.read(), password=None)
+        pem = handle.read()
+    try:
+        key = serialization.load_pem_private_key(
+            pem, password=None, unsafe_skip_rsa_key_validation=True
+        )
+    except TypeError:  # cryptography before 39 has no such argument
+        key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError(f"{key_path} is not an RSA private key")
     signature = key.sign(

@@ -111,6 +111,47 @@ class TestSignatures:
         assert keys.verify("m1", message, signature) is False
 
 
+class TestKeyLoading:
+    """The minion's own key is loaded without the slow check of its primes."""
+
+    @staticmethod
+    def sign_recording_loads(
+        master_opts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, accepts_skip: bool
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Sign a credential; return the keyword arguments of each key load and the verdict.
+
+        Without ACCEPTS_SKIP the loader behaves as in cryptography before 39,
+        which has no unsafe_skip_rsa_key_validation.
+        """
+        private = accept(master_opts, tmp_path, "m1")
+        calls: list[dict[str, Any]] = []
+        real = serialization.load_pem_private_key
+
+        def load(data: bytes, password: bytes | None, **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            if kwargs and not accepts_skip:
+                raise TypeError("unexpected keyword argument")
+            return real(data, password, **kwargs)
+
+        monkeypatch.setattr(serialization, "load_pem_private_key", load)
+        message, signature = credential(private, "job_1", "m1", "tok")
+        return calls, MinionKeys(master_opts).verify("m1", message, signature)
+
+    def test_key_is_loaded_unchecked(
+        self, master_opts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        calls, verified = self.sign_recording_loads(master_opts, tmp_path, monkeypatch, True)
+        assert calls == [{"unsafe_skip_rsa_key_validation": True}]
+        assert verified is True
+
+    def test_older_cryptography_loads_the_key_checked(
+        self, master_opts, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        calls, verified = self.sign_recording_loads(master_opts, tmp_path, monkeypatch, False)
+        assert calls == [{"unsafe_skip_rsa_key_validation": True}, {}]
+        assert verified is True
+
+
 class TestLaunchSigning:
     def test_unreadable_key_fails_the_launch(self, tmp_path: Path) -> None:
         result = wrapper.launch(
