@@ -14,6 +14,7 @@ import logging
 import secrets
 import sqlite3
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -120,6 +121,10 @@ class RunManager:
         self.observers: list[RunObserver] = []
         self._jids: dict[str, str] = {}
         self._late_warned: set[tuple[str, str]] = set()
+        # Finished runs still referenced by a connected wrapper, by run id.
+        # The wrappers of a run that report late share one copy of it, instead
+        # of loading every minion of the run again for each connection.
+        self._finished: weakref.WeakValueDictionary[str, Run] = weakref.WeakValueDictionary()
 
     def _announce(self, tag: str, data: dict[str, Any]) -> None:
         """Fire an event on the bus and hand it to every observer."""
@@ -418,11 +423,23 @@ class RunManager:
         return run, machine
 
     def _finished_run(self, run_id: str) -> Run | None:
-        """Load a run that is no longer in flight, for a wrapper that reports late."""
+        """Return a run that is no longer in flight, for a wrapper that reports late.
+
+        A run still referenced by a connected wrapper is shared, and any other
+        is loaded from the store. Each copy contains every minion of the run.
+        A copy per connection would cost the square of the run's minions when
+        they all report late, and a late result recorded through one copy
+        would be missing from the others.
+        """
+        run = self._finished.get(run_id)
+        if run is not None:
+            return run
         row = self.store.run(run_id)
         if row is None or row["status"] in (RunStatus.SKIPPED.value, RunStatus.MISSED.value):
             return None
-        return self._run_from_row(row)
+        run = self._run_from_row(row)
+        self._finished[run_id] = run
+        return run
 
     def welcome(self, run: Run, machine: MachineRun, need_job: bool) -> dict[str, Any]:
         """Build the welcome frame, with the job definition when the wrapper needs it.
@@ -651,6 +668,7 @@ class RunManager:
         run.status = run.final_status()
         self.store.finish_run(run)
         self.runs.pop(run.run_id, None)
+        self._finished[run.run_id] = run
         if run.jid:
             self._jids.pop(run.jid, None)
         retcodes = run.retcodes()

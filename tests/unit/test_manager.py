@@ -7,6 +7,7 @@ the same events on a real bus.
 
 from __future__ import annotations
 
+import gc
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -284,14 +285,56 @@ class TestAuthentication:
     ) -> None:
         run, token = start_run(manager, targets=("m1",))
         complete(manager, run, "m1")
-        found_run, machine = manager.authenticate(hello(run.run_id, token))
-        assert found_run is not run
+        run_id = run.run_id
+        del run
+        gc.collect()
+        found_run, machine = manager.authenticate(hello(run_id, token))
+        assert found_run.run_id == run_id
         assert manager.welcome(found_run, machine, need_job=True) == {
             "acked": 2,
             "job": None,
             "heartbeat_interval": 5,
             "output_limit": store.max_output_bytes,
         }
+
+    def test_finished_run_still_held_is_shared(self, manager: RunManager) -> None:
+        run, token = start_run(manager, targets=("m1",))
+        complete(manager, run, "m1")
+        assert run.run_id not in manager.runs
+        found_run, _ = manager.authenticate(hello(run.run_id, token))
+        assert found_run is run
+
+    def test_late_wrappers_share_finished_run(
+        self, manager: RunManager, store: RunStore, clock: FakeClock
+    ) -> None:
+        run, token = start_run(manager, targets=("m1", "m2", "m3"))
+        run_id = run.run_id
+        clock.now += 31
+        manager.sweep()  # no wrapper connected: 255 on every minion
+        del run
+        gc.collect()
+        loads = []
+        real_run = store.run
+
+        def counted_run(wanted: str) -> Any:
+            loads.append(wanted)
+            return real_run(wanted)
+
+        store.run = counted_run  # type: ignore[method-assign]
+        first, m1 = manager.authenticate(hello(run_id, token, "m1"))
+        second, m2 = manager.authenticate(hello(run_id, token, "m2"))
+        assert second is first
+        assert loads == [run_id]
+        manager.on_frame(first, m1, Start(1, 9, "t"))
+        manager.on_frame(first, m1, Complete(2, 0, "exit", "t", None))
+        # The late result through one wrapper is seen through the other.
+        assert second.machines["m1"].late_retcode == 0
+        assert store.results(run_id)["m1"]["late_retcode"] == 0
+        del first, second, m1, m2
+        gc.collect()
+        third, _ = manager.authenticate(hello(run_id, token, "m3"))
+        assert loads == [run_id, run_id]
+        assert third.machines["m1"].late_retcode == 0
 
     def test_reloaded_run_without_definition(self, store: RunStore, events: RecordedEvents) -> None:
         first = RunManager(store, events, {"backup": make_job()}.get)
