@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
@@ -48,6 +49,10 @@ CHECKPOINT_SECONDS = 0.25
 # After a checkpoint the log file is truncated to this size, so one burst of
 # output does not leave a large file behind.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+# The write-ahead log's layout: a file header, then per page a frame header
+# and the page (https://www.sqlite.org/fileformat.html, "WAL File Format").
+_WAL_HEADER_BYTES = 32
+_WAL_FRAME_HEADER_BYTES = 24
 # Values bound in one IN (...) query, well under SQLite's limit of 32,766.
 _QUERY_CHUNK = 500
 
@@ -150,6 +155,7 @@ class _Checkpointer:
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        self._page_size = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="saltpeter-checkpoint", daemon=True)
         self._thread.start()
@@ -167,9 +173,40 @@ class _Checkpointer:
         try:
             # PASSIVE never blocks the engine's writes; frames it cannot copy
             # yet are copied by a later pass.
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            row = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if not self._page_size:
+                self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
         except sqlite3.Error as exc:
             log.warning("checkpointing the run store %s failed: %s", self._path, exc)
+            return
+        copied = row[2] if row else 0
+        if copied > 0:
+            self._drop_copied_from_cache(copied * (self._page_size + _WAL_FRAME_HEADER_BYTES))
+
+    def _drop_copied_from_cache(self, frame_bytes: int) -> None:
+        """Drop the log's copied frames from the page cache, once it is past its size limit.
+
+        Once the log is fully copied, the engine's next commit starts it over
+        and truncates it to WAL_SIZE_LIMIT_BYTES, on the event loop. After a
+        burst of output the log can be a gigabyte, and freeing its cached pages
+        in that truncation took a quarter of a second (0.12 s of it CPU in the
+        kernel). The frames copied so far were synced by the checkpoint, so
+        dropping them here costs this thread alone and leaves the truncation
+        little to free.
+        """
+        end = _WAL_HEADER_BYTES + frame_bytes
+        if end <= WAL_SIZE_LIMIT_BYTES:
+            return
+        try:
+            descriptor = os.open(f"{self._path}-wal", os.O_RDONLY)
+        except OSError:
+            return  # the log was removed or truncated meanwhile
+        try:
+            os.posix_fadvise(descriptor, 0, end, os.POSIX_FADV_DONTNEED)
+        except OSError as exc:
+            log.debug("cannot drop the run store's copied log from the cache: %s", exc)
+        finally:
+            os.close(descriptor)
 
     def stop(self) -> None:
         self._stopping.set()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
+from saltpeter import store as store_module
 from saltpeter.runs import (
     MachineRun,
     MachineState,
@@ -299,6 +301,47 @@ class TestPrune:
             sizes.append(big_store.size_bytes())
         assert len(big_store.runs("backup", limit=100)) == 20
         assert max(sizes[3:]) <= sizes[2] * 1.1, sizes
+
+
+class TestCheckpoint:
+    """The checkpoint thread drops the log's copied frames from the page cache."""
+
+    def record_advice(self, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+        calls: list[tuple[int, int, int]] = []
+
+        def advise(descriptor: int, offset: int, length: int, advice: int) -> None:
+            calls.append((offset, length, advice))
+
+        monkeypatch.setattr(store_module.os, "posix_fadvise", advise)
+        return calls
+
+    def grow_log(self, store: RunStore) -> None:
+        for minute in range(40):
+            finished_run(store, f"backup_{minute}", SLOT.replace(minute=minute), output="x" * 90)
+
+    def test_copied_frames_are_dropped_past_the_limit(
+        self, store: RunStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", 16 * 1024)
+        calls = self.record_advice(monkeypatch)
+        self.grow_log(store)
+        log_bytes = Path(f"{store.path}-wal").stat().st_size
+        with sqlite3.connect(store.path, isolation_level=None) as db:
+            store._checkpointer._checkpoint(db)
+        assert calls
+        for offset, length, advice in calls:
+            assert offset == 0
+            assert advice == os.POSIX_FADV_DONTNEED
+            # Whole frames that were copied, never past the end of the log.
+            assert 16 * 1024 < length <= log_bytes
+            assert (length - 32) % (4096 + 24) == 0
+
+    def test_small_log_stays_cached(self, store: RunStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        calls = self.record_advice(monkeypatch)
+        self.grow_log(store)
+        with sqlite3.connect(store.path, isolation_level=None) as db:
+            store._checkpointer._checkpoint(db)
+        assert calls == []
 
 
 class TestReadOnly:
