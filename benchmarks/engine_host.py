@@ -14,15 +14,25 @@ salt-master:
 
 The benchmark driver talks to the process over stdin and stdout, one JSON
 object per line: it writes a command ({"command": "stats"}, "reset",
-{"command": "run", "job": NAME}, "quit") and reads the reply. Lateness is
-recorded when ``publish`` is called, the same instant the engine's
-``saltpeter_dispatch_lateness_seconds`` histogram observes, but exact
-instead of bucketed.
+{"command": "run", "job": NAME}, {"command": "memory", "trim": BOOL}, "quit")
+and reads the reply. Lateness is recorded when ``publish`` is called, the
+same instant the engine's ``saltpeter_dispatch_lateness_seconds`` histogram
+observes, but exact instead of bucketed.
+
+For finding what costs time or memory, the host also records, into its
+``stats``: garbage collections over 5 ms; with ``--lag-probe``, how late the
+event loop runs, and with ``--stall-stacks`` too, every thread's stack while
+it is over 50 ms behind; with ``--store-timing``, the store's writes over
+2 ms, with their CPU time and the size of the write-ahead log before and
+after. ``memory`` reports malloc's figures, Python's small-object arenas
+and the largest mappings, and with ``PYTHONTRACEMALLOC=N`` in the
+environment the call paths holding the most.
 
 Command line::
 
     python -m benchmarks.engine_host --config-dir DIR --store FILE --port N --state-dir DIR
         [--minions N] [--launch answer-failed|answer-started|local-wrapper|none]
+        [--lag-probe [--stall-stacks]] [--store-timing]
 """
 
 from __future__ import annotations
@@ -30,13 +40,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import ctypes
+import gc
 import json
 import logging
 import os
 import pwd
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+import traceback
 import tracemalloc
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
@@ -216,11 +231,116 @@ class BenchBridge(SaltBridge):
 
 
 def _top_allocations(count: int = 15) -> list[str]:
-    """Return the source lines holding the most memory, when SPB_TRACEMALLOC is set."""
+    """Return the source lines holding the most memory, when PYTHONTRACEMALLOC is set."""
     if not tracemalloc.is_tracing():
         return []
     statistics = tracemalloc.take_snapshot().statistics("lineno")
     return [str(statistic) for statistic in statistics[:count]]
+
+
+def _top_tracebacks(count: int = 5) -> list[list[str]]:
+    """Return the call paths holding the most memory, when PYTHONTRACEMALLOC is set."""
+    if not tracemalloc.is_tracing():
+        return []
+    statistics = tracemalloc.take_snapshot().statistics("traceback")
+    return [[str(statistic), *statistic.traceback.format()] for statistic in statistics[:count]]
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def malloc_figures(trim: bool = False) -> dict[str, Any]:
+    """Return glibc's heap figures (mallinfo2) and RSS; with TRIM, after malloc_trim(0).
+
+    ``in_use`` is what the program holds through malloc, ``free_held`` what
+    malloc keeps free in its heaps, ``mmapped`` the large blocks it mapped
+    on their own. A large ``free_held`` with a small ``in_use`` means memory
+    that was allocated for a while and freed, and not given back.
+    """
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    figures: dict[str, Any] = {"rss_before": _rss_bytes()}
+    if trim:
+        libc.malloc_trim(ctypes.c_size_t(0))
+    info = libc.mallinfo2()
+    figures.update(
+        {
+            "rss": _rss_bytes(),
+            "heap": info.arena,
+            "in_use": info.uordblks,
+            "free_held": info.fordblks,
+            "mmapped": info.hblkhd,
+            "mmapped_blocks": info.hblks,
+        }
+    )
+    if tracemalloc.is_tracing():
+        figures["traced"], figures["traced_peak"] = tracemalloc.get_traced_memory()
+        figures["top_tracebacks"] = _top_tracebacks()
+    figures["pymalloc"] = _pymalloc_summary()
+    figures["largest_mappings"] = _largest_mappings()
+    figures["threads"] = threading.active_count()
+    return figures
+
+
+def _pymalloc_summary() -> dict[str, int]:
+    """Return the arena figures of Python's small-object allocator.
+
+    Its arenas are mapped on their own, so malloc's figures leave them out.
+    ``sys._debugmallocstats`` writes them to the C-level stderr, which is
+    caught in a temporary file.
+    """
+    with tempfile.TemporaryFile() as caught:
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        caught.seek(0)
+        text = caught.read().decode("utf-8", "replace")
+    wanted = ("arenas allocated current", "bytes in allocated blocks", "bytes in available blocks")
+    summary = {}
+    for line in text.splitlines():
+        label, _, value = line.rpartition("=")
+        label = label.strip().lstrip("#").strip()
+        if label in wanted:
+            summary[label] = int(value.strip().replace(",", ""))
+    return summary
+
+
+def _largest_mappings(count: int = 6) -> list[str]:
+    """Return the mappings of this process with the most resident memory."""
+    mappings = []
+    current = ""
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                current = line.strip()
+            elif line.startswith("Rss:"):
+                mappings.append((int(line.split()[1]), current))
+    mappings.sort(reverse=True)
+    return [f"{kib} KiB {name}" for kib, name in mappings[:count]]
 
 
 def minion_key_path(opts: dict[str, Any]) -> Path:
@@ -309,21 +429,151 @@ class Timings:
         return timed
 
 
-class LagProbe:
-    """Measures how late the event loop runs a callback scheduled every INTERVAL seconds."""
+def _file_size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
-    def __init__(self, interval: float = 0.01) -> None:
+
+class SlowCalls:
+    """Records the store's write calls that take longer than THRESHOLD seconds.
+
+    Each record has the wall time and the CPU time of the calling thread, so a
+    slow call shows whether it worked or waited (for the disk, a lock or the
+    GIL).
+    """
+
+    THRESHOLD = 0.002
+    METHODS = ("update_machine", "append_output", "finish_run", "insert_runs")
+    RECORDS_MAX = 5000
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        # method -> [calls, wall seconds, CPU seconds], over every call
+        self.totals: dict[str, list[float]] = {}
+
+    def install(self) -> None:
+        from saltpeter.store import RunStore
+
+        for name in self.METHODS:
+            setattr(RunStore, name, self._wrap(name, getattr(RunStore, name)))
+
+    def _wrap(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(store: Any, *args: Any, **kwargs: Any) -> Any:
+            wal = f"{store.path}-wal"
+            wal_before = _file_size(wal)
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return method(store, *args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - wall
+                total = self.totals.setdefault(name, [0, 0.0, 0.0])
+                total[0] += 1
+                total[1] += seconds
+                total[2] += time.thread_time() - cpu
+                if seconds > self.THRESHOLD and len(self.records) < self.RECORDS_MAX:
+                    self.records.append(
+                        {
+                            "call": name,
+                            "at": time.time(),
+                            "seconds": seconds,
+                            "cpu_seconds": time.thread_time() - cpu,
+                            "wal_bytes_before": wal_before,
+                            "wal_bytes_after": _file_size(wal),
+                        }
+                    )
+
+        return timed
+
+
+class GcPauses:
+    """Records every garbage collection that takes longer than THRESHOLD seconds."""
+
+    THRESHOLD = 0.005
+    RECORDS_MAX = 2000
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.counts = Counter()
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        seconds = time.perf_counter() - self._started
+        self.counts[info["generation"]] += 1
+        if seconds > self.THRESHOLD and len(self.records) < self.RECORDS_MAX:
+            self.records.append(
+                {
+                    "at": time.time(),
+                    "generation": info["generation"],
+                    "seconds": seconds,
+                    "collected": info["collected"],
+                    "tracked": len(gc.get_objects(info["generation"])),
+                }
+            )
+
+
+class LagProbe:
+    """Measures how late the event loop runs a callback scheduled every INTERVAL seconds.
+
+    With STALL_STACKS, a thread also watches the probe's last turn. While the
+    loop is more than STALL_SECONDS behind, it records the stack of every
+    thread every STALL_SAMPLE_SECONDS, so a stall can be traced to the code
+    that held the loop or the GIL. The thread needs the GIL too, so a sample
+    may come late. While it samples it slows the loop down, so the firing
+    benchmark's bursts run without it.
+    """
+
+    STALL_SECONDS = 0.05
+    STALL_SAMPLE_SECONDS = 0.005
+    STALL_SAMPLES_MAX = 400
+
+    def __init__(self, interval: float = 0.01, stall_stacks: bool = False) -> None:
         self.interval = interval
+        self.stall_stacks = stall_stacks
         self.samples: list[tuple[float, float]] = []  # (wall time, lag in seconds)
+        self.stalls: list[dict[str, Any]] = []
+        self._beat = time.monotonic()
+        self._loop_thread = threading.get_ident()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        if self.stall_stacks:
+            threading.Thread(target=self._watch, name="stall-sampler", daemon=True).start()
         while True:
             expected = loop.time() + self.interval
+            self._beat = time.monotonic()
             await asyncio.sleep(self.interval)
+            self._beat = time.monotonic()
             lag = loop.time() - expected
             if lag > 0.005:
                 self.samples.append((time.time(), lag))
+
+    def _watch(self) -> None:
+        me = threading.get_ident()
+        names = {}
+        while True:
+            time.sleep(self.STALL_SAMPLE_SECONDS)
+            behind = time.monotonic() - self._beat - self.interval
+            if behind < self.STALL_SECONDS or len(self.stalls) >= self.STALL_SAMPLES_MAX:
+                continue
+            if len(names) != threading.active_count():
+                names = {thread.ident: thread.name for thread in threading.enumerate()}
+            stacks = {}
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                name = "loop" if ident == self._loop_thread else names.get(ident, str(ident))
+                stacks[name] = [
+                    f"{entry.filename}:{entry.lineno} {entry.name}"
+                    for entry in traceback.extract_stack(frame)[-12:]
+                ]
+            self.stalls.append({"at": time.time(), "behind": behind, "stacks": stacks})
 
 
 class Host:
@@ -355,6 +605,10 @@ class Host:
         )
         self.engine.bridge = self.bridge  # type: ignore[assignment]
         self.timings = Timings()
+        self.slow_calls = SlowCalls()
+        if args.store_timing:
+            self.slow_calls.install()
+        self.gc_pauses = GcPauses()
         self.engine.loader.load = self.timings.wrap("load", self.engine.loader.load)  # type: ignore[method-assign]
         # A reload is applied in slices with the event loop running between
         # them, so "apply" is the time from the first slice to the last.
@@ -364,7 +618,7 @@ class Host:
             self.engine._apply_jobs = self.timings.wrap_async(  # type: ignore[method-assign]
                 "apply", self.engine._apply_jobs
             )
-        self.lag_probe = LagProbe() if args.lag_probe else None
+        self.lag_probe = LagProbe(stall_stacks=args.stall_stacks) if args.lag_probe else None
         self.started_wall = time.time()
         self.ready_wall: float | None = None
 
@@ -413,7 +667,14 @@ class Host:
                 self.timings.records.clear()
                 if self.lag_probe is not None:
                     self.lag_probe.samples.clear()
+                    self.lag_probe.stalls.clear()
+                self.slow_calls.records.clear()
+                self.slow_calls.totals.clear()
+                self.gc_pauses.records.clear()
+                self.gc_pauses.counts.clear()
                 self._reply({"ok": True})
+            elif command == "memory":
+                self._reply(malloc_figures(trim=bool(request.get("trim"))))
             elif command == "stats":
                 self._reply(self.stats())
             else:
@@ -446,6 +707,11 @@ class Host:
             "histogram_buckets": buckets,
             "timings": list(self.timings.records),
             "lag": list(self.lag_probe.samples) if self.lag_probe is not None else [],
+            "stalls": list(self.lag_probe.stalls) if self.lag_probe is not None else [],
+            "slow_store_calls": list(self.slow_calls.records),
+            "store_call_totals": dict(self.slow_calls.totals),
+            "gc_pauses": list(self.gc_pauses.records),
+            "gc_counts": dict(self.gc_pauses.counts),
             "runs_in_flight": len(manager.runs) if manager is not None else 0,
             "jobs": len(self.engine.jobs),
             "allocations": _top_allocations(),
@@ -475,6 +741,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--settings", default="{}", help="JSON object of engine settings to override"
     )
     parser.add_argument("--lag-probe", action="store_true", help="record event loop lag over 5 ms")
+    parser.add_argument(
+        "--stall-stacks",
+        action="store_true",
+        help="with --lag-probe, record every thread's stack while the loop is 50 ms behind",
+    )
+    parser.add_argument(
+        "--store-timing", action="store_true", help="record store writes slower than 2 ms"
+    )
     return parser
 
 
@@ -506,6 +780,8 @@ class EngineProcess:
         settings: dict[str, Any] | None = None,
         lag_probe: bool = False,
         launches_file: Path | None = None,
+        store_timing: bool = False,
+        stall_stacks: bool = False,
     ) -> None:
         import queue
         import threading
@@ -530,6 +806,10 @@ class EngineProcess:
         ]
         if lag_probe:
             command.append("--lag-probe")
+        if store_timing:
+            command.append("--store-timing")
+        if stall_stacks:
+            command.append("--stall-stacks")
         if launches_file is not None:
             command.append(f"--launches-file={launches_file}")
         self._stderr = (work_dir / "engine-host.stderr").open("w")

@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--idle-seconds", type=float, default=60.0, help="length of each window (default 60)"
     )
     parser.add_argument("--reloads", type=int, default=3, help="timed reloads (default 3)")
+    parser.add_argument(
+        "--phases",
+        default="idle,reload,burst",
+        help="phases to run, comma-separated (default idle,reload,burst)",
+    )
 
 
 def far_month(now: datetime) -> int:
@@ -254,7 +259,9 @@ def next_instant(second: int, after: datetime) -> datetime:
 def reload_phase(work: Path, args: argparse.Namespace, result: Result) -> None:
     jobs_dir = work / "jobs"
     write_jobs(jobs_dir, job_set(args.jobs, 0, 0, 0, ticks=args.ticks), args.files)
-    host = EngineProcess(work / "host", jobs_dir, launch="answer-started", lag_probe=True)
+    host = EngineProcess(
+        work / "host", jobs_dir, launch="answer-started", lag_probe=True, stall_stacks=True
+    )
     windows: list[dict[str, Any]] = []
     during: list[float] = []
     try:
@@ -283,6 +290,7 @@ def reload_phase(work: Path, args: argparse.Namespace, result: Result) -> None:
                     "ticks_in_window": len(inside),
                     "max_lateness_in_window": max(inside, default=0.0),
                     "max_loop_lag": max((lag for _, lag in stats["lag"]), default=0.0),
+                    "stalls": stats["stalls"],
                 }
             )
     finally:
@@ -360,7 +368,12 @@ def run(args: argparse.Namespace) -> Result:
     result.details["jobs"] = args.jobs
     result.details["files"] = args.files
     result.details["due"] = args.due
-    idle_phase(root / "idle", args, result)
-    reload_phase(root / "reload", args, result)
-    burst_phase(root / "burst", args, result)
+    phases = {"idle": idle_phase, "reload": reload_phase, "burst": burst_phase}
+    chosen = [name.strip() for name in args.phases.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in phases]
+    if unknown:
+        known = ", ".join(phases)
+        raise SystemExit(f"--phases: unknown phase(s) {', '.join(unknown)}; known: {known}")
+    for name in chosen:
+        phases[name](root / name, args, result)
     return result

@@ -44,6 +44,7 @@ from benchmarks.common import (
     raise_open_files_limit,
     sample_process,
     scratch_dir,
+    summarize,
     wait_until,
     write_job_files,
 )
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 INGEST_TARGET_MB = 20.0
 ACK_P99_TARGET = 0.100
 MEMORY_TARGET_KIB = 100.0
+# The first seconds of streaming ramp up, because each client starts at a random offset.
+RAMP_SECONDS = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds between a client's output frames (default 1.25)",
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="streaming window (default 60)")
+    parser.add_argument(
+        "--stall-stacks",
+        action="store_true",
+        help="record the engine's thread stacks while its event loop is 50 ms behind "
+        "(slows the engine down while it samples)",
+    )
     parser.add_argument(
         "--connect-rate",
         type=float,
@@ -116,6 +125,32 @@ def lost_results(store_path: Path) -> int:
     return int(row[0])
 
 
+def ack_samples_by_part(figures: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Split the acknowledgement latencies by frame type and by phase of the run.
+
+    ``start`` frames are sent while the clients connect. Output frames in the
+    first RAMP_SECONDS of streaming are sent while the clients' random
+    offsets spread out, and the rest are the steady state.
+    """
+    parts: dict[str, list[float]] = {
+        "start": [],
+        "output, ramp-up": [],
+        "output, steady": [],
+        "other": [],
+    }
+    for figure in figures:
+        for kind, sent, latency in figure.get("ack_samples", []):
+            if kind == "start":
+                parts["start"].append(latency)
+            elif kind == "output":
+                parts["output, ramp-up" if sent < RAMP_SECONDS else "output, steady"].append(
+                    latency
+                )
+            else:
+                parts["other"].append(latency)
+    return parts
+
+
 def _exited(workers: list[subprocess.Popen[bytes]]) -> bool:
     return any(worker.poll() is not None for worker in workers)
 
@@ -137,6 +172,8 @@ def run(args: argparse.Namespace) -> Result:
         answer_delay=5.0,
         launches_file=launches_file,
         lag_probe=True,
+        stall_stacks=args.stall_stacks,
+        store_timing=True,
     )
     workers: list[subprocess.Popen[bytes]] = []
     samples = []
@@ -173,17 +210,21 @@ def run(args: argparse.Namespace) -> Result:
                     cwd=REPO_ROOT,
                 )
             )
-        wait_until(
-            lambda: all(out.with_suffix(".ready").exists() for out in outs) or _exited(workers),
-            300,
-            "the clients",
-        )
+        connecting: list[tuple[float, int]] = []  # (seconds since the first worker, RSS)
+
+        def all_ready() -> bool:
+            sample = sample_process(host.pid)
+            connecting.append((sample.at - before_connect.at, sample.rss_bytes))
+            return all(out.with_suffix(".ready").exists() for out in outs) or _exited(workers)
+
+        wait_until(all_ready, 300, "the clients")
         if _exited(workers):
             raise RuntimeError("a client worker exited before connecting; see its stderr")
         connected = sample_process(host.pid)
+        malloc_connected = host.command("memory")
         go_at = time.time() + 2.0
         go_file.write_text(str(go_at))
-        time.sleep(max(0.0, go_at - time.time()) + 5.0)
+        time.sleep(max(0.0, go_at - time.time()) + RAMP_SECONDS)
         # The first seconds ramp up, because each client starts at a random offset.
         host.command("reset")  # loop lag is recorded from here on
         window_start_wall = time.time()
@@ -203,6 +244,8 @@ def run(args: argparse.Namespace) -> Result:
         time.sleep(2)
         lost = lost_results(host.store_path)
         engine_stats = host.command("stats")
+        malloc_end = host.command("memory")
+        malloc_trimmed = host.command("memory", trim=True)
     finally:
         for worker in workers:
             if worker.poll() is None:
@@ -211,6 +254,7 @@ def run(args: argparse.Namespace) -> Result:
         host.stop()
 
     latencies = [latency for figure in figures for latency in figure["ack_latencies"]]
+    samples_by_part = ack_samples_by_part(figures)
     acked = sum(figure["acked_output_bytes"] for figure in figures)
     welcomed = sum(figure["welcomed"] for figure in figures)
     streaming_seconds = args.seconds
@@ -242,8 +286,15 @@ def run(args: argparse.Namespace) -> Result:
         "rss_connected": connected.rss_bytes,
         "rss_streaming_median": rss_streaming,
         "fds_connected": connected.fds,
+        "rss_while_connecting": connecting[::5],
+        "malloc_connected": malloc_connected,
+        "malloc_end": malloc_end,
+        "malloc_end_trimmed": malloc_trimmed,
         "engine_events": engine_stats["events"],
         "lost": lost,
+        "ack_latency_by_part": {
+            part: summarize(values) for part, values in samples_by_part.items()
+        },
         "ack_latency": {
             "n": len(latencies),
             "p50": percentile(latencies, 50) if latencies else None,
@@ -275,12 +326,33 @@ def run(args: argparse.Namespace) -> Result:
         result.add(
             "ack latency p50", percentile(latencies, 50), "s", basis=f"{len(latencies)} frames"
         )
+        for part, values in samples_by_part.items():
+            if values and part != "other":
+                result.add(
+                    f"ack latency p99, {part}",
+                    percentile(values, 99),
+                    "s",
+                    basis=f"{len(values)} frames",
+                )
     # The engine's own event loop: how late a 10 ms timer ran (only lags over
     # 5 ms are recorded). Acknowledgement latency beyond this is spent outside
     # the engine's loop: in the kernel and in the client processes, which share
     # the two cores with it.
     lags = [lag for at, lag in engine_stats["lag"] if window_start_wall <= at <= window_end_wall]
     result.details["engine_loop_lags_over_5ms"] = len(lags)
+    # Lags after the window: the clients' complete frames arrive together.
+    result.details["engine_loop_lags_after_window"] = [
+        (round(at - window_end_wall, 3), round(lag, 4))
+        for at, lag in engine_stats["lag"]
+        if at > window_end_wall
+    ]
+    # The stacks the engine host's stall sampler recorded (loop over 50 ms behind).
+    result.details["engine_stalls"] = engine_stats.get("stalls", [])[:60]
+    result.details["engine_slow_store_calls"] = engine_stats.get("slow_store_calls", [])
+    # Per store write method, from the window's start: [calls, wall seconds, CPU seconds].
+    result.details["engine_store_call_totals"] = engine_stats.get("store_call_totals", {})
+    result.details["engine_gc_pauses"] = engine_stats.get("gc_pauses", [])
+    result.details["engine_gc_counts"] = engine_stats.get("gc_counts", {})
     # Filled when the benchmark runs with PYTHONTRACEMALLOC=1 in its environment.
     result.details["engine_allocations"] = engine_stats.get("allocations", [])
     result.add(

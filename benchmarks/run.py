@@ -36,6 +36,7 @@ BENCHMARKS = {
     "following": "benchmarks.following",
     "heavy-output": "benchmarks.heavy_output",
     "fanout": "benchmarks.fanout",
+    "launch-cost": "benchmarks.launch_cost",
     "soak": "benchmarks.soak",
 }
 

@@ -59,6 +59,8 @@ class ClientStats:
     error: str | None = None
     acked_output_bytes: int = 0
     ack_latencies: list[float] = field(default_factory=list)
+    # (frame type, monotonic send time, latency) of every acknowledged frame
+    ack_samples: list[tuple[str, float, float]] = field(default_factory=list)
     heartbeats: int = 0
 
 
@@ -81,8 +83,8 @@ class Client:
         self.args = args
         self.stats = ClientStats()
         self.seq = 0
-        # seq -> (monotonic send time, output bytes)
-        self.unacked: dict[int, tuple[float, int]] = {}
+        # seq -> (monotonic send time, output bytes, frame type)
+        self.unacked: dict[int, tuple[float, int, str]] = {}
         self.acked = 0
         self.payload = ("x" * 99 + "\n") * (args.frame_bytes // 100) + "y" * (
             args.frame_bytes % 100
@@ -119,7 +121,7 @@ class Client:
         self.seq += 1
         text = json.dumps({"type": kind, "seq": self.seq, **fields}, separators=(",", ":"))
         output_bytes = len(fields.get("data", ""))
-        self.unacked[self.seq] = (time.monotonic(), output_bytes)
+        self.unacked[self.seq] = (time.monotonic(), output_bytes, kind)
         await conn.write_message(text)
 
     async def read_acks(self, conn: tornado.websocket.WebSocketClientConnection) -> None:
@@ -138,6 +140,7 @@ class Client:
                 sent = self.unacked.pop(covered, None)
                 if sent is not None:
                     self.stats.ack_latencies.append(now - sent[0])
+                    self.stats.ack_samples.append((sent[2], sent[0], now - sent[0]))
                     self.stats.acked_output_bytes += sent[1]
             self.acked = max(self.acked, seq)
 
@@ -209,6 +212,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(0.05)
     go_time = float(args.go_file.read_text())
     await asyncio.sleep(max(0.0, go_time - time.time()))
+    go_monotonic = time.monotonic()
     phase.stop_at = loop.time() + args.seconds
     phase.go.set()
     await asyncio.sleep(args.seconds + 1)
@@ -225,6 +229,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "acked_output_bytes": sum(c.stats.acked_output_bytes for c in clients),
         "heartbeats": sum(c.stats.heartbeats for c in clients),
         "ack_latencies": [round(latency, 6) for c in clients for latency in c.stats.ack_latencies],
+        # (frame type, seconds from the start of streaming to the send, latency)
+        "ack_samples": [
+            (kind, round(sent - go_monotonic, 4), round(latency, 6))
+            for c in clients
+            for kind, sent, latency in c.stats.ack_samples
+        ],
     }
 
 
