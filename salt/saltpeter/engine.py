@@ -51,10 +51,11 @@ PRUNE_INTERVAL_SECONDS = 3600.0
 # Jobs taken into the store and the scheduler between two turns of the event
 # loop when the configuration is reloaded (a few milliseconds of work).
 APPLY_SLICE = 100
-# Seconds between the scheduler computing next fire times and storing them.
-# How long the reloading thread may hold the GIL while another thread waits
-# for it (Python's default is 5 ms); see Engine._reload.
+# Python's switch interval while a reload loads the configuration: how long
+# any thread may keep the GIL while another waits for it (Python's default
+# is 5 ms). See Engine._reload.
 RELOAD_SWITCH_INTERVAL = 0.0001
+# Seconds between the scheduler computing next fire times and storing them.
 NEXT_RUN_WRITE_DELAY = 0.2
 NEXT_RUN_WRITE_BATCH = 500
 
