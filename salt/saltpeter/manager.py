@@ -121,9 +121,10 @@ class RunManager:
         self.observers: list[RunObserver] = []
         self._jids: dict[str, str] = {}
         self._late_warned: set[tuple[str, str]] = set()
-        # Finished runs still referenced by a connected wrapper, by run id.
-        # The wrappers of a run that report late share one copy of it, instead
-        # of loading every minion of the run again for each connection.
+        # Finished runs still in memory, by run id, for instance because a
+        # connected wrapper refers to one. The wrappers of a run that report
+        # late share one copy, instead of loading every minion of the run
+        # again for each connection.
         self._finished: weakref.WeakValueDictionary[str, Run] = weakref.WeakValueDictionary()
 
     def _announce(self, tag: str, data: dict[str, Any]) -> None:
@@ -425,20 +426,21 @@ class RunManager:
     def _finished_run(self, run_id: str) -> Run | None:
         """Return a run that is no longer in flight, for a wrapper that reports late.
 
-        A run still referenced by a connected wrapper is shared, and any other
-        is loaded from the store. Each copy contains every minion of the run.
-        A copy per connection would cost the square of the run's minions when
-        they all report late, and a late result recorded through one copy
-        would be missing from the others.
+        A run still in memory is shared, and any other is loaded from the
+        store. Each copy contains every minion of the run. A copy per
+        connection would cost the square of the run's minions when they all
+        report late, and a late result recorded through one copy would be
+        missing from the others. The store decides either way, so a run
+        pruned from it is unknown even while a copy is still in memory.
         """
-        run = self._finished.get(run_id)
-        if run is not None:
-            return run
         row = self.store.run(run_id)
         if row is None or row["status"] in (RunStatus.SKIPPED.value, RunStatus.MISSED.value):
+            self._finished.pop(run_id, None)
             return None
-        run = self._run_from_row(row)
-        self._finished[run_id] = run
+        run = self._finished.get(run_id)
+        if run is None:
+            run = self._run_from_row(row)
+            self._finished[run_id] = run
         return run
 
     def welcome(self, run: Run, machine: MachineRun, need_job: bool) -> dict[str, Any]:

@@ -314,13 +314,13 @@ class TestAuthentication:
         del run
         gc.collect()
         loads = []
-        real_run = store.run
+        real_machine_runs = store.machine_runs
 
-        def counted_run(wanted: str) -> Any:
+        def counted_machine_runs(wanted: str) -> Any:
             loads.append(wanted)
-            return real_run(wanted)
+            return real_machine_runs(wanted)
 
-        store.run = counted_run  # type: ignore[method-assign]
+        store.machine_runs = counted_machine_runs  # type: ignore[method-assign]
         first, m1 = manager.authenticate(hello(run_id, token, "m1"))
         second, m2 = manager.authenticate(hello(run_id, token, "m2"))
         assert second is first
@@ -335,6 +335,16 @@ class TestAuthentication:
         third, _ = manager.authenticate(hello(run_id, token, "m3"))
         assert loads == [run_id, run_id]
         assert third.machines["m1"].late_retcode == 0
+
+    def test_pruned_run_is_unknown_while_held(
+        self, manager: RunManager, store: RunStore
+    ) -> None:
+        run, token = start_run(manager, targets=("m1",))
+        complete(manager, run, "m1")
+        assert store.prune(SLOT + timedelta(days=1), keep_per_job=1000) == 1
+        with pytest.raises(ProtocolError) as caught:
+            manager.authenticate(hello(run.run_id, token))
+        assert caught.value.code == UNKNOWN_RUN
 
     def test_reloaded_run_without_definition(self, store: RunStore, events: RecordedEvents) -> None:
         first = RunManager(store, events, {"backup": make_job()}.get)
