@@ -156,6 +156,8 @@ class _Checkpointer:
     def __init__(self, path: Path) -> None:
         self._path = path
         self._page_size = 0
+        # End of the log's bytes already dropped from the page cache.
+        self._dropped_end = 0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="saltpeter-checkpoint", daemon=True)
         self._thread.start()
@@ -184,7 +186,7 @@ class _Checkpointer:
             self._drop_copied_from_cache(copied * (self._page_size + _WAL_FRAME_HEADER_BYTES))
 
     def _drop_copied_from_cache(self, frame_bytes: int) -> None:
-        """Drop the log's copied frames from the page cache, once it is past its size limit.
+        """Drop the log's copied frames past its size limit from the page cache.
 
         Once the log is fully copied, the engine's next commit starts it over
         and truncates it to WAL_SIZE_LIMIT_BYTES, on the event loop. After a
@@ -192,17 +194,23 @@ class _Checkpointer:
         in that truncation took a quarter of a second (0.12 s of it CPU in the
         kernel). The frames copied so far were synced by the checkpoint, so
         dropping them here costs this thread alone and leaves the truncation
-        little to free.
+        little to free. The bytes below the limit stay cached: the log starts
+        over on them, and a frame written over a page that is not cached
+        would have to read it from the disk first.
         """
         end = _WAL_HEADER_BYTES + frame_bytes
-        if end <= WAL_SIZE_LIMIT_BYTES:
+        if end < self._dropped_end:
+            self._dropped_end = 0  # the log has started over
+        start = max(WAL_SIZE_LIMIT_BYTES, self._dropped_end)
+        if end <= start or not hasattr(os, "posix_fadvise"):
             return
         try:
             descriptor = os.open(f"{self._path}-wal", os.O_RDONLY)
         except OSError:
             return  # the log was removed or truncated meanwhile
         try:
-            os.posix_fadvise(descriptor, 0, end, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(descriptor, start, end - start, os.POSIX_FADV_DONTNEED)
+            self._dropped_end = end
         except OSError as exc:
             log.debug("cannot drop the run store's copied log from the cache: %s", exc)
         finally:

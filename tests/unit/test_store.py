@@ -330,11 +330,26 @@ class TestCheckpoint:
             store._checkpointer._checkpoint(db)
         assert calls
         for offset, length, advice in calls:
-            assert offset == 0
             assert advice == os.POSIX_FADV_DONTNEED
-            # Whole frames that were copied, never past the end of the log.
-            assert 16 * 1024 < length <= log_bytes
-            assert (length - 32) % (4096 + 24) == 0
+            # The bytes the log starts over on stay cached.
+            assert offset >= 16 * 1024
+            # Up to the end of the frames copied, never past the end of the log.
+            end = offset + length
+            assert end <= log_bytes
+            assert (end - 32) % (4096 + 24) == 0
+
+    def test_copied_frames_are_dropped_once(
+        self, store: RunStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", 16 * 1024)
+        calls = self.record_advice(monkeypatch)
+        self.grow_log(store)
+        with sqlite3.connect(store.path, isolation_level=None) as db:
+            store._checkpointer._checkpoint(db)
+            dropped = len(calls)
+            store._checkpointer._checkpoint(db)
+        assert dropped >= 1
+        assert len(calls) == dropped
 
     def test_small_log_stays_cached(self, store: RunStore, monkeypatch: pytest.MonkeyPatch) -> None:
         calls = self.record_advice(monkeypatch)
