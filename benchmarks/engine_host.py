@@ -319,12 +319,12 @@ def _pymalloc_summary() -> dict[str, int]:
             os.close(saved)
         caught.seek(0)
         text = caught.read().decode("utf-8", "replace")
-    wanted = ("arenas allocated current", "bytes in allocated blocks", "bytes in available blocks")
+    labels = ("arenas allocated current", "bytes in allocated blocks", "bytes in available blocks")
     summary = {}
     for line in text.splitlines():
         label, _, value = line.rpartition("=")
         label = label.strip().lstrip("#").strip()
-        if label in wanted:
+        if label in labels:
             summary[label] = int(value.strip().replace(",", ""))
     return summary
 
@@ -437,7 +437,7 @@ def _file_size(path: str) -> int:
 
 
 class SlowCalls:
-    """Records the store's write calls that take longer than THRESHOLD seconds.
+    """Times the store's write calls: totals per method, and each call over THRESHOLD seconds.
 
     Each record has the wall time and the CPU time of the calling thread, so a
     slow call shows whether it worked or waited (for the disk, a lock or the
@@ -468,17 +468,18 @@ class SlowCalls:
                 return method(store, *args, **kwargs)
             finally:
                 seconds = time.perf_counter() - wall
+                cpu_seconds = time.thread_time() - cpu
                 total = self.totals.setdefault(name, [0, 0.0, 0.0])
                 total[0] += 1
                 total[1] += seconds
-                total[2] += time.thread_time() - cpu
+                total[2] += cpu_seconds
                 if seconds > self.THRESHOLD and len(self.records) < self.RECORDS_MAX:
                     self.records.append(
                         {
                             "call": name,
                             "at": time.time(),
                             "seconds": seconds,
-                            "cpu_seconds": time.thread_time() - cpu,
+                            "cpu_seconds": cpu_seconds,
                             "wal_bytes_before": wal_before,
                             "wal_bytes_after": _file_size(wal),
                         }
@@ -512,7 +513,6 @@ class GcPauses:
                     "generation": info["generation"],
                     "seconds": seconds,
                     "collected": info["collected"],
-                    "tracked": len(gc.get_objects(info["generation"])),
                 }
             )
 

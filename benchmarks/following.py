@@ -139,7 +139,7 @@ def ack_samples_by_part(figures: list[dict[str, Any]]) -> dict[str, list[float]]
         "other": [],
     }
     for figure in figures:
-        for kind, sent, latency in figure.get("ack_samples", []):
+        for kind, sent, latency in figure["ack_samples"]:
             if kind == "start":
                 parts["start"].append(latency)
             elif kind == "output":
@@ -225,7 +225,6 @@ def run(args: argparse.Namespace) -> Result:
         go_at = time.time() + 2.0
         go_file.write_text(str(go_at))
         time.sleep(max(0.0, go_at - time.time()) + RAMP_SECONDS)
-        # The first seconds ramp up, because each client starts at a random offset.
         host.command("reset")  # loop lag is recorded from here on
         window_start_wall = time.time()
         window_start = sample_process(host.pid)
@@ -253,7 +252,7 @@ def run(args: argparse.Namespace) -> Result:
                 worker.wait()
         host.stop()
 
-    latencies = [latency for figure in figures for latency in figure["ack_latencies"]]
+    latencies = [latency for figure in figures for _, _, latency in figure["ack_samples"]]
     samples_by_part = ack_samples_by_part(figures)
     acked = sum(figure["acked_output_bytes"] for figure in figures)
     welcomed = sum(figure["welcomed"] for figure in figures)

@@ -147,7 +147,8 @@ def job_process_figures(repeat: int, key_path: Path) -> list[dict[str, float]]:
             report = json.loads(reader.read() or b"{}")
         os.waitpid(pid, 0)
         if "error" in report:
-            raise RuntimeError(f"the job process failed: {report['error']}")
+            error = report["error"]
+            raise RuntimeError(f"timing the launch steps in a forked job process failed: {error}")
         runs.append(report)
     return runs
 

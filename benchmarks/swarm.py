@@ -58,7 +58,6 @@ class ClientStats:
     completed: bool = False
     error: str | None = None
     acked_output_bytes: int = 0
-    ack_latencies: list[float] = field(default_factory=list)
     # (frame type, monotonic send time, latency) of every acknowledged frame
     ack_samples: list[tuple[str, float, float]] = field(default_factory=list)
     heartbeats: int = 0
@@ -139,7 +138,6 @@ class Client:
             for covered in range(self.acked + 1, seq + 1):
                 sent = self.unacked.pop(covered, None)
                 if sent is not None:
-                    self.stats.ack_latencies.append(now - sent[0])
                     self.stats.ack_samples.append((sent[2], sent[0], now - sent[0]))
                     self.stats.acked_output_bytes += sent[1]
             self.acked = max(self.acked, seq)
@@ -228,7 +226,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "error_count": sum(1 for c in clients if c.stats.error),
         "acked_output_bytes": sum(c.stats.acked_output_bytes for c in clients),
         "heartbeats": sum(c.stats.heartbeats for c in clients),
-        "ack_latencies": [round(latency, 6) for c in clients for latency in c.stats.ack_latencies],
         # (frame type, seconds from the start of streaming to the send, latency)
         "ack_samples": [
             (kind, round(sent - go_monotonic, 4), round(latency, 6))

@@ -1277,7 +1277,7 @@ class Command:
 # -- the connection to the engine ----------------------------------------------
 
 
-def _output_limit(welcome: Mapping[str, Any], run_id: str = "-") -> int:
+def _output_limit(welcome: Mapping[str, Any], run_id: str) -> int:
     """Return the welcome's cap on the output the engine keeps; 0 when it sets none."""
     limit = welcome.get("output_limit", 0)
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:

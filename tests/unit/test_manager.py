@@ -316,9 +316,9 @@ class TestAuthentication:
         loads = []
         real_machine_runs = store.machine_runs
 
-        def counted_machine_runs(wanted: str) -> Any:
-            loads.append(wanted)
-            return real_machine_runs(wanted)
+        def counted_machine_runs(loaded_run_id: str) -> Any:
+            loads.append(loaded_run_id)
+            return real_machine_runs(loaded_run_id)
 
         store.machine_runs = counted_machine_runs  # type: ignore[method-assign]
         first, m1 = manager.authenticate(hello(run_id, token, "m1"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from datetime import datetime, timezone
@@ -306,33 +307,39 @@ class TestPrune:
 class TestCheckpoint:
     """The checkpoint thread drops the log's copied frames from the page cache."""
 
-    def record_advice(self, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    SMALL_LIMIT = 16 * 1024
+
+    def grow_log(
+        self, store: RunStore, monkeypatch: pytest.MonkeyPatch
+    ) -> list[tuple[int, int, int]]:
+        """Write 40 runs to the store's log; return the list each posix_fadvise call goes to."""
         calls: list[tuple[int, int, int]] = []
 
         def advise(descriptor: int, offset: int, length: int, advice: int) -> None:
             calls.append((offset, length, advice))
 
         monkeypatch.setattr(store_module.os, "posix_fadvise", advise)
-        return calls
-
-    def grow_log(self, store: RunStore) -> None:
         for minute in range(40):
             finished_run(store, f"backup_{minute}", SLOT.replace(minute=minute), output="x" * 90)
+        return calls
+
+    def checkpoint(self, store: RunStore) -> None:
+        """Run one pass of the store's checkpoint thread, here, on a connection of its own."""
+        with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as db:
+            store._checkpointer._checkpoint(db)
 
     def test_copied_frames_are_dropped_past_the_limit(
         self, store: RunStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", 16 * 1024)
-        calls = self.record_advice(monkeypatch)
-        self.grow_log(store)
+        monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", self.SMALL_LIMIT)
+        calls = self.grow_log(store, monkeypatch)
         log_bytes = Path(f"{store.path}-wal").stat().st_size
-        with sqlite3.connect(store.path, isolation_level=None) as db:
-            store._checkpointer._checkpoint(db)
+        self.checkpoint(store)
         assert calls
         for offset, length, advice in calls:
             assert advice == os.POSIX_FADV_DONTNEED
             # The bytes the log starts over on stay cached.
-            assert offset >= 16 * 1024
+            assert offset >= self.SMALL_LIMIT
             # Up to the end of the frames copied, never past the end of the log.
             end = offset + length
             assert end <= log_bytes
@@ -341,21 +348,17 @@ class TestCheckpoint:
     def test_copied_frames_are_dropped_once(
         self, store: RunStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", 16 * 1024)
-        calls = self.record_advice(monkeypatch)
-        self.grow_log(store)
-        with sqlite3.connect(store.path, isolation_level=None) as db:
-            store._checkpointer._checkpoint(db)
-            dropped = len(calls)
-            store._checkpointer._checkpoint(db)
+        monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", self.SMALL_LIMIT)
+        calls = self.grow_log(store, monkeypatch)
+        self.checkpoint(store)
+        dropped = len(calls)
+        self.checkpoint(store)
         assert dropped >= 1
         assert len(calls) == dropped
 
     def test_small_log_stays_cached(self, store: RunStore, monkeypatch: pytest.MonkeyPatch) -> None:
-        calls = self.record_advice(monkeypatch)
-        self.grow_log(store)
-        with sqlite3.connect(store.path, isolation_level=None) as db:
-            store._checkpointer._checkpoint(db)
+        calls = self.grow_log(store, monkeypatch)
+        self.checkpoint(store)
         assert calls == []
 
 

@@ -485,7 +485,7 @@ class TestOutputLimitField:
         ],
     )
     def test_reads_the_welcome(self, welcome: dict[str, Any], limit: int) -> None:
-        assert wrapper._output_limit(welcome) == limit
+        assert wrapper._output_limit(welcome, "job_1") == limit
 
 
 class TestSpooling:
