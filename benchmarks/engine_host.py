@@ -445,7 +445,7 @@ class SlowCalls:
     """
 
     THRESHOLD = 0.002
-    METHODS = ("update_machine", "append_output", "finish_run", "insert_runs")
+    METHODS = ("update_machine", "append_output", "finish_run", "insert_runs", "commit_batch")
     RECORDS_MAX = 5000
 
     def __init__(self) -> None:

@@ -33,7 +33,10 @@ class MachineState(str, enum.Enum):
 
     @property
     def in_flight(self) -> bool:
-        return self in (MachineState.PENDING, MachineState.LAUNCHED, MachineState.RUNNING)
+        return self in _IN_FLIGHT
+
+
+_IN_FLIGHT = frozenset({MachineState.PENDING, MachineState.LAUNCHED, MachineState.RUNNING})
 
 
 class RunStatus(str, enum.Enum):
@@ -129,10 +132,28 @@ class Run:
     timeout: int | None = None  # seconds, 0 = no limit; None when not known
     ended_at: datetime | None = None
     status: RunStatus = RunStatus.RUNNING
+    # The minions in order, and how many at its front have a result. A result
+    # once recorded stays, so in_flight never looks at those again.
+    _order: list[MachineRun] = field(default_factory=list, repr=False, compare=False)
+    _done_front: int = field(default=0, repr=False, compare=False)
 
     @property
     def in_flight(self) -> bool:
-        return any(machine.state.in_flight for machine in self.machines.values())
+        """True while any minion has no result yet.
+
+        Asked after each result. Skipping the minions already found done
+        keeps a run of thousands of minions from scanning all of them for
+        every result that arrives.
+        """
+        if len(self._order) != len(self.machines):
+            self._order = list(self.machines.values())
+            self._done_front = 0
+        order = self._order
+        while self._done_front < len(order):
+            if order[self._done_front].state.in_flight:
+                return True
+            self._done_front += 1
+        return False
 
     def retcodes(self) -> dict[str, int]:
         return {

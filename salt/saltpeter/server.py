@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import ssl
 import time
@@ -241,10 +242,18 @@ class WrapperHandler(tornado.websocket.WebSocketHandler):
                     self.machine.machine,
                 )
                 return
+            store = self.manager.store
+            if store.begin_batch():
+                # Frames handled until the loop's next pass share one commit.
+                asyncio.get_running_loop().call_soon(store.commit_batch)
             acked = self.manager.on_frame(self.run, self.machine, frame)
-            self.send_frame(protocol.encode("ack", seq=acked))
+            # An ack promises the frame is stored, so it waits for the commit.
+            store.after_commit(functools.partial(self._ack, acked))
         except ProtocolError as error:
             self.reject(error)
+
+    def _ack(self, seq: int) -> None:
+        self.send_frame(protocol.encode("ack", seq=seq))
 
     def _on_hello(self, frame: protocol.Frame) -> None:
         if not isinstance(frame, Hello):

@@ -19,7 +19,9 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -46,9 +48,25 @@ SCHEMA_VERSION = 1
 # loop. A thread of the store checkpoints instead, with its own connection,
 # every CHECKPOINT_SECONDS; a pass with nothing to copy costs microseconds.
 CHECKPOINT_SECONDS = 0.25
-# After a checkpoint the log file is truncated to this size, so one burst of
-# output does not leave a large file behind.
+# Once the log holds this much, it is copied to its end and starts over
+# (see _Checkpointer._checkpoint).
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+# When the log starts over, its file is truncated to this size, so one burst
+# of output does not leave a large file behind. It is well above the size at
+# which the log starts over: a file that keeps its blocks costs no truncation
+# on the event loop, and its syncs allocate no new blocks.
+WAL_TRUNCATE_BYTES = 4 * WAL_SIZE_LIMIT_BYTES
+# While the log is past WAL_SIZE_LIMIT_BYTES, the thread checkpoints this
+# often, and asks the engine's connection to copy the rest once a pass had
+# at most CATCH_UP_FRAMES to copy (or after CATCH_UP_PASSES passes): the
+# engine's pass syncs and copies what was written since, on the event loop.
+CATCH_UP_SECONDS = 0.005
+CATCH_UP_FRAMES = 256
+CATCH_UP_PASSES = 40
+# How long the thread leaves the checkpoint lock to the engine's connection
+# after asking it to copy the rest; an engine that writes nothing meanwhile
+# needs no copy, and the thread goes on.
+CATCH_UP_WAIT_SECONDS = 1.0
 # The write-ahead log's layout: a file header, then per page a frame header
 # and the page (https://www.sqlite.org/fileformat.html, "WAL File Format").
 _WAL_HEADER_BYTES = 32
@@ -158,6 +176,15 @@ class _Checkpointer:
         self._page_size = 0
         # End of the log's bytes already dropped from the page cache.
         self._dropped_end = 0
+        # Set by this thread when it has copied a log past its size limit to
+        # the end; the engine's connection then copies the few frames written
+        # since, which lets its next write start the log over.
+        self.catch_up_wanted = False
+        # Frames copied as of the previous pass, and passes in a row that
+        # found the log past its limit.
+        self._copied = 0
+        self._large_passes = 0
+        self._asked_at = 0.0
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="saltpeter-checkpoint", daemon=True)
         self._thread.start()
@@ -165,13 +192,30 @@ class _Checkpointer:
     def _run(self) -> None:
         db = sqlite3.connect(self._path, timeout=10, isolation_level=None)
         try:
-            while not self._stopping.wait(CHECKPOINT_SECONDS):
-                self._checkpoint(db)
+            pause = CHECKPOINT_SECONDS
+            while not self._stopping.wait(pause):
+                waited = time.monotonic() - self._asked_at
+                if self.catch_up_wanted and waited < CATCH_UP_WAIT_SECONDS:
+                    # A pass here would hold the checkpoint lock the engine's
+                    # connection needs for its own.
+                    pause = CATCH_UP_SECONDS
+                    continue
+                self.catch_up_wanted = False
+                pause = CATCH_UP_SECONDS if self._checkpoint(db) else CHECKPOINT_SECONDS
             self._checkpoint(db)
         finally:
             db.close()
 
-    def _checkpoint(self, db: sqlite3.Connection) -> None:
+    def _checkpoint(self, db: sqlite3.Connection) -> bool:
+        """Copy what the log holds into the database; True while it is past its limit.
+
+        The log can start over only at a write that begins while every frame in
+        it is copied. The engine writes without pause while output streams in,
+        so this thread never catches up alone, and the log would grow without
+        bound. Once a pass has copied a large log to its end, the engine's
+        connection copies the rest between two of its writes
+        (RunStore.catch_up_log).
+        """
         try:
             # PASSIVE never blocks the engine's writes; frames it cannot copy
             # yet are copied by a later pass.
@@ -180,16 +224,27 @@ class _Checkpointer:
                 self._page_size = db.execute("PRAGMA page_size").fetchone()[0]
         except sqlite3.Error as exc:
             log.warning("checkpointing the run store %s failed: %s", self._path, exc)
-            return
-        copied = row[2] if row else 0
+            return False
+        busy, frames, copied = row if row else (1, 0, 0)
+        frame_bytes = self._page_size + _WAL_FRAME_HEADER_BYTES
         if copied > 0:
-            self._drop_copied_from_cache(copied * (self._page_size + _WAL_FRAME_HEADER_BYTES))
+            self._drop_copied_from_cache(copied * frame_bytes)
+        # The count of copied frames goes back to 0 when the log starts over.
+        copied_now = copied - self._copied if copied >= self._copied else copied
+        self._copied = copied
+        large = frames * frame_bytes > WAL_SIZE_LIMIT_BYTES
+        self._large_passes = self._large_passes + 1 if large else 0
+        few_left = copied_now <= CATCH_UP_FRAMES or self._large_passes >= CATCH_UP_PASSES
+        if large and not busy and copied == frames and few_left:
+            self._asked_at = time.monotonic()
+            self.catch_up_wanted = True
+        return large
 
     def _drop_copied_from_cache(self, frame_bytes: int) -> None:
-        """Drop the log's copied frames past its size limit from the page cache.
+        """Drop the log's copied frames past its truncation size from the page cache.
 
         Once the log is fully copied, the engine's next commit starts it over
-        and truncates it to WAL_SIZE_LIMIT_BYTES, on the event loop. After a
+        and truncates it to WAL_TRUNCATE_BYTES, on the event loop. After a
         burst of output the log can be a gigabyte, and freeing its cached pages
         in that truncation took a quarter of a second (0.12 s of it CPU in the
         kernel). The frames copied so far were synced by the checkpoint, so
@@ -201,7 +256,7 @@ class _Checkpointer:
         end = _WAL_HEADER_BYTES + frame_bytes
         if end < self._dropped_end:
             self._dropped_end = 0  # the log has started over
-        start = max(WAL_SIZE_LIMIT_BYTES, self._dropped_end)
+        start = max(WAL_TRUNCATE_BYTES, self._dropped_end)
         if end <= start or not hasattr(os, "posix_fadvise"):
             return
         try:
@@ -229,6 +284,9 @@ class RunStore:
         self.max_output_bytes = max_output_bytes
         self.readonly = readonly
         self._counters: dict[tuple[str, str], _OutputCounters] = {}
+        # While a batch is open: what to call once it is committed.
+        self._batch: list[Callable[[], None]] | None = None
+        self._checkpointer: _Checkpointer | None = None
         if readonly:
             if not self.path.exists():
                 raise StoreError(
@@ -251,14 +309,112 @@ class RunStore:
             )
             self.path.chmod(0o600)
             self._db.execute("PRAGMA wal_autocheckpoint=0")
-            self._db.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_TRUNCATE_BYTES}")
             self._checkpointer = _Checkpointer(self.path)
         self._db.row_factory = sqlite3.Row
 
     def close(self) -> None:
-        if not self.readonly:
+        if self._checkpointer is not None:
+            self.commit_batch()
             self._checkpointer.stop()
         self._db.close()
+
+    # -- write batches ------------------------------------------------------
+
+    def begin_batch(self) -> bool:
+        """Hold the writes that follow in one transaction until commit_batch().
+
+        One commit per batch instead of one per write: the engine opens a batch
+        for the wrapper frames of one pass of its event loop and acknowledges
+        them after the commit (after_commit). Writes that must be stored
+        before the engine acts on them (new runs, before their publish) commit
+        the open batch first. Returns True if this call opened the batch, so
+        the caller arranges its commit, and False if one was open already.
+        """
+        if self._batch is not None:
+            return False
+        self._db.execute("BEGIN")
+        self._batch = []
+        return True
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once what was written so far is committed."""
+        if self._batch is None:
+            callback()
+        else:
+            self._batch.append(callback)
+
+    def commit_batch(self) -> None:
+        """Commit the open batch, if any, and call what waited for it."""
+        callbacks = self._batch
+        if callbacks is None:
+            return
+        self._batch = None
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            log.error(
+                "run store %s: committing %d held writes failed, so they stay "
+                "unacknowledged: %s",
+                self.path,
+                len(callbacks),
+                exc,
+            )
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            return
+        for callback in callbacks:
+            callback()
+        self.catch_up_log()
+
+    @contextmanager
+    def _transaction(self, durable: bool = False) -> Iterator[None]:
+        """Make the writes inside one atomic unit.
+
+        Inside an open batch that is a savepoint. With ``durable`` the writes
+        are committed when the block ends: the open batch is committed first,
+        and the block gets a transaction of its own.
+        """
+        if durable:
+            self.commit_batch()
+        if self._batch is None:
+            with self._db:
+                self._db.execute("BEGIN")
+                yield
+            self.catch_up_log()
+            return
+        self._db.execute("SAVEPOINT write")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO write")
+            self._db.execute("RELEASE write")
+            raise
+        self._db.execute("RELEASE write")
+
+    def _write(self, sql: str, parameters: tuple[Any, ...]) -> sqlite3.Cursor:
+        """Run one writing statement, committed at once unless a batch is open."""
+        cursor = self._db.execute(sql, parameters)
+        if self._batch is None:
+            self.catch_up_log()
+        return cursor
+
+    def catch_up_log(self) -> None:
+        """Copy the write-ahead log's newest frames once the checkpoint thread wants it.
+
+        Called between writes, outside any transaction. The thread has copied
+        all but the frames written since its last pass; copying those here,
+        with a sync of the log and of the database, takes a few milliseconds,
+        and the next write then starts the log over.
+        """
+        checkpointer = self._checkpointer
+        if checkpointer is None or not checkpointer.catch_up_wanted:
+            return
+        checkpointer.catch_up_wanted = False
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("checkpointing the run store %s failed: %s", self.path, exc)
 
     # -- jobs ---------------------------------------------------------------
 
@@ -271,8 +427,7 @@ class RunStore:
         self, definitions: Mapping[str, Mapping[str, Any]], removed: Iterable[str] = ()
     ) -> None:
         """Add or replace the rows of ``definitions`` and delete those of ``removed``."""
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._transaction(durable=True):
             self._db.executemany("DELETE FROM jobs WHERE name = ?", [(name,) for name in removed])
             self._db.executemany(
                 "INSERT INTO jobs (name, definition) VALUES (?, ?) "
@@ -284,12 +439,11 @@ class RunStore:
             )
 
     def set_next_run(self, name: str, instant: datetime | None) -> None:
-        self._db.execute("UPDATE jobs SET next_run = ? WHERE name = ?", (isoformat(instant), name))
+        self._write("UPDATE jobs SET next_run = ? WHERE name = ?", (isoformat(instant), name))
 
     def set_next_runs(self, instants: Mapping[str, datetime | None]) -> None:
         """Store several jobs' next fire times in one transaction."""
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._transaction():
             self._db.executemany(
                 "UPDATE jobs SET next_run = ? WHERE name = ?",
                 [(isoformat(instant), name) for name, instant in instants.items()],
@@ -389,8 +543,9 @@ class RunStore:
                 for machine in run.machines.values()
             )
             job_rows.append((started, run.run_id, run.job_name))
-        with self._db:
-            self._db.execute("BEGIN")
+        # Committed before this returns: the engine publishes the runs next,
+        # and after a crash it must find every run it may have published.
+        with self._transaction(durable=True):
             self._db.executemany(
                 "INSERT INTO runs (run_id, job, trigger, scheduled_at, started_at, status, "
                 "token_hash, jid, timeout, targets, maintenance) "
@@ -433,7 +588,7 @@ class RunStore:
         status: RunStatus,
         reason: str | None,
     ) -> bool:
-        with self._db:
+        with self._transaction(durable=True):
             cursor = self._db.execute(
                 "INSERT OR IGNORE INTO runs (run_id, job, trigger, scheduled_at, started_at, "
                 "ended_at, status, skip_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -462,10 +617,10 @@ class RunStore:
         return {row["job"]: datetime.fromisoformat(row["slot"]) for row in rows}
 
     def set_jid(self, run_id: str, jid: str) -> None:
-        self._db.execute("UPDATE runs SET jid = ? WHERE run_id = ?", (jid, run_id))
+        self._write("UPDATE runs SET jid = ? WHERE run_id = ?", (jid, run_id))
 
     def update_machine(self, machine: MachineRun) -> None:
-        self._db.execute(
+        self._write(
             "UPDATE results SET state = ?, retcode = ?, reason = ?, started_at = ?, "
             "ended_at = ?, pid = ?, last_seq = ? WHERE run_id = ? AND machine = ?",
             (
@@ -482,7 +637,7 @@ class RunStore:
         )
 
     def set_late_result(self, machine: MachineRun, ended_at: datetime) -> None:
-        self._db.execute(
+        self._write(
             "UPDATE results SET late_retcode = ?, late_reason = ?, late_ended_at = ?, "
             "last_seq = ? WHERE run_id = ? AND machine = ?",
             (
@@ -496,7 +651,7 @@ class RunStore:
         )
 
     def finish_run(self, run: Run) -> None:
-        self._db.execute(
+        self._write(
             "UPDATE runs SET status = ?, ended_at = ? WHERE run_id = ?",
             (run.status.value, isoformat(run.ended_at), run.run_id),
         )
@@ -510,8 +665,7 @@ class RunStore:
         Runs in flight are never deleted. Returns the number of runs deleted.
         """
         running = RunStatus.RUNNING.value
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._transaction(durable=True):
             self._db.execute("DROP TABLE IF EXISTS temp.doomed")
             self._db.execute(
                 "CREATE TEMP TABLE doomed AS SELECT run_id FROM ("
@@ -563,8 +717,7 @@ class RunStore:
         counters = self._output_counters(run_id, machine)
         head_cap = self.max_output_bytes // 2
         tail_cap = self.max_output_bytes - head_cap
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._transaction():
             if skipped:
                 self._db.execute(
                     "DELETE FROM output WHERE run_id = ? AND machine = ? AND part = 'tail'",

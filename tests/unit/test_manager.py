@@ -419,6 +419,20 @@ class TestCompletion:
         assert store.run(run.run_id)["status"] == "failed"
         assert manager.running("backup") == []
 
+    def test_run_waits_for_minions_finishing_in_any_order(
+        self, manager: RunManager, events: RecordedEvents
+    ) -> None:
+        names = [f"m{index}" for index in range(6)]
+        run, _ = start_run(manager, targets=names)
+        # The first minion in order finishes last, the others out of order.
+        for name in ["m3", "m1", "m5", "m2", "m4"]:
+            complete(manager, run, name)
+            assert run.in_flight
+            assert "saltpeter/job/backup/complete" not in events.tags()
+        complete(manager, run, "m0")
+        assert not run.in_flight
+        assert events.last("saltpeter/job/backup/complete")["retcodes"] == dict.fromkeys(names, 0)
+
     def test_all_zero_is_success(self, manager: RunManager, store: RunStore) -> None:
         run, _ = start_run(manager)
         complete(manager, run, "m1")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import ssl
@@ -317,6 +318,30 @@ class TestRejections:
         assert replies[0]["type"] == "welcome"
         assert replies[0]["acked"] == 0
         assert replies[0]["job"]["env"] == {"KEY": "value"}
+
+
+class TestAcks:
+    def test_ack_waits_for_the_commit(self, engine: EngineLoop) -> None:
+        run, token = engine.start_run("true")
+        connection = engine.connect()
+        engine.exchange(connection, hello_frame(run, token))
+        start = json.dumps({"type": "start", "seq": 1, "pid": 4242, "time": "t"})
+        output = json.dumps({"type": "output", "seq": 2, "data": "stored first\n"})
+        assert engine.exchange(connection, start) == [{"type": "ack", "seq": 1}]
+        # A batch the server did not open waits for the test to commit it.
+        engine.call(engine.store.begin_batch)
+        assert engine.exchange(connection, output) == []
+        with contextlib.closing(RunStore(engine.store.path, readonly=True)) as reader:
+            assert reader.output(run.run_id, MACHINE) == ""
+
+        async def commit_and_read() -> Any:
+            engine.store.commit_batch()
+            return await asyncio.wait_for(connection.read_message(), timeout=5)
+
+        ack = asyncio.run_coroutine_threadsafe(commit_and_read(), engine.loop).result(10)
+        assert json.loads(ack) == {"type": "ack", "seq": 2}
+        with contextlib.closing(RunStore(engine.store.path, readonly=True)) as reader:
+            assert reader.output(run.run_id, MACHINE) == "stored first\n"
 
 
 class TestHostilePeers:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -331,7 +332,7 @@ class TestCheckpoint:
     def test_copied_frames_are_dropped_past_the_limit(
         self, store: RunStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", self.SMALL_LIMIT)
+        monkeypatch.setattr(store_module, "WAL_TRUNCATE_BYTES", self.SMALL_LIMIT)
         calls = self.grow_log(store, monkeypatch)
         log_bytes = Path(f"{store.path}-wal").stat().st_size
         self.checkpoint(store)
@@ -348,7 +349,7 @@ class TestCheckpoint:
     def test_copied_frames_are_dropped_once(
         self, store: RunStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", self.SMALL_LIMIT)
+        monkeypatch.setattr(store_module, "WAL_TRUNCATE_BYTES", self.SMALL_LIMIT)
         calls = self.grow_log(store, monkeypatch)
         self.checkpoint(store)
         dropped = len(calls)
@@ -360,6 +361,145 @@ class TestCheckpoint:
         calls = self.grow_log(store, monkeypatch)
         self.checkpoint(store)
         assert calls == []
+
+
+def committed_output(store: RunStore, run_id: str, machine: str) -> str:
+    """The output another connection reads: only what the store has committed."""
+    with contextlib.closing(RunStore(store.path, readonly=True)) as reader:
+        return reader.output(run_id, machine)
+
+
+class TestBatch:
+    """Writes held in one transaction, and callbacks that wait for its commit."""
+
+    def test_held_writes_are_committed_together(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        acked: list[int] = []
+        assert store.begin_batch() is True
+        assert store.begin_batch() is False
+        store.append_output("backup_1", "m1", 1, "one ")
+        store.after_commit(lambda: acked.append(1))
+        store.append_output("backup_1", "m1", 2, "two")
+        store.after_commit(lambda: acked.append(2))
+        # The engine's own connection reads what it holds; no one else does yet.
+        assert store.output("backup_1", "m1") == "one two"
+        assert committed_output(store, "backup_1", "m1") == ""
+        assert acked == []
+        store.commit_batch()
+        assert acked == [1, 2]
+        assert committed_output(store, "backup_1", "m1") == "one two"
+        store.commit_batch()  # nothing open: nothing happens
+        assert acked == [1, 2]
+
+    def test_callback_without_batch_runs_at_once(self, store: RunStore) -> None:
+        acked: list[int] = []
+        store.after_commit(lambda: acked.append(1))
+        assert acked == [1]
+
+    def test_new_runs_commit_the_held_writes_first(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        acked: list[int] = []
+        store.begin_batch()
+        store.append_output("backup_1", "m1", 1, "held")
+        store.after_commit(lambda: acked.append(1))
+        store.insert_run(make_run("backup_2", SLOT.replace(minute=1)), ["m1"], [])
+        # A new run is stored before it is published, so both are committed.
+        assert acked == [1]
+        with contextlib.closing(RunStore(store.path, readonly=True)) as reader:
+            assert reader.run("backup_2") is not None
+            assert reader.output("backup_1", "m1") == "held"
+
+    def test_failed_write_undoes_only_itself(self, store: RunStore) -> None:
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        store.begin_batch()
+        store.append_output("backup_1", "m1", 1, "kept")
+        with pytest.raises(sqlite3.IntegrityError), store._transaction():
+            store._db.execute(
+                "INSERT INTO output (run_id, machine, part, data) VALUES (?, ?, 'head', ?)",
+                ("backup_1", "m2", "undone"),
+            )
+            store._db.execute("INSERT INTO runs (run_id) VALUES ('broken')")
+        store.commit_batch()
+        assert committed_output(store, "backup_1", "m1") == "kept"
+        assert committed_output(store, "backup_1", "m2") == ""
+
+    def test_close_commits_held_writes(self, tmp_path: Path) -> None:
+        store = RunStore(tmp_path / "sp.db")
+        store.sync_jobs({"backup": {"command": "true"}})
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        store.begin_batch()
+        store.append_output("backup_1", "m1", 1, "last words")
+        store.close()
+        with contextlib.closing(RunStore(tmp_path / "sp.db", readonly=True)) as reader:
+            assert reader.output("backup_1", "m1") == "last words"
+
+
+class TestLogSize:
+    """The write-ahead log starts over while the engine writes without pause."""
+
+    def test_log_stays_bounded_under_constant_writes(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        limit = 256 * 1024
+        monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", limit)
+        monkeypatch.setattr(store_module, "WAL_TRUNCATE_BYTES", 4 * limit)
+        monkeypatch.setattr(store_module, "CHECKPOINT_SECONDS", 0.01)
+        monkeypatch.setattr(store_module, "CATCH_UP_SECONDS", 0.001)
+        # This writer outruns any pass; the engine's copy then starts after
+        # a few passes rather than after few frames were left.
+        monkeypatch.setattr(store_module, "CATCH_UP_PASSES", 3)
+        store = RunStore(tmp_path / "sp.db", max_output_bytes=1 << 30)
+        try:
+            store.sync_jobs({"backup": {"command": "true"}})
+            store.insert_run(make_run(), ["m1", "m2"], [])
+            wal = Path(f"{store.path}-wal")
+            chunk = "x" * 8000
+            written = 0
+            seq = 0
+            # Writes back to back, with no pause for the checkpoint thread to
+            # copy the whole log in, for 40 times the limit and half a second.
+            deadline = time.monotonic() + 0.5
+            while written < 40 * limit or time.monotonic() < deadline:
+                seq += 1
+                store.append_output("backup_1", "m1", seq, chunk)
+                store.append_output("backup_1", "m2", seq, chunk)
+                written += 2 * len(chunk)
+            size = wal.stat().st_size
+            # The log's header counts the times it started over.
+            restarts = int.from_bytes(wal.read_bytes()[12:16], "big")
+        finally:
+            store.close()
+        # Without its own checkpoint the engine's log never starts over, and
+        # holds every write made.
+        assert restarts >= 5, (restarts, size, written)
+        assert size < written / 2, (restarts, size, written)
+
+    def test_catch_up_waits_for_a_fully_copied_log(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", 16 * 1024)
+        store = RunStore(tmp_path / "sp.db")
+        try:
+            store.sync_jobs({"backup": {"command": "true"}})
+            store._checkpointer.stop()
+            store._checkpointer.catch_up_wanted = False
+            store.insert_run(make_run(), ["m1", "m2"], [])
+            for seq in range(1, 40):
+                store.append_output("backup_1", "m1", seq, "y" * 1000)
+            assert store._checkpointer.catch_up_wanted is False
+            with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as db:
+                assert store._checkpointer._checkpoint(db) is True
+            assert store._checkpointer.catch_up_wanted is True
+            store.append_output("backup_1", "m1", 40, "z")
+            # The engine's connection copied the last frames; its next write
+            # starts the log over from its first frame.
+            assert store._checkpointer.catch_up_wanted is False
+            store.append_output("backup_1", "m1", 41, "z")
+            with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as db:
+                frames = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+            assert frames < 10, frames
+        finally:
+            store.close()
 
 
 class TestReadOnly:
