@@ -207,7 +207,10 @@ class _Checkpointer:
             db.close()
 
     def _checkpoint(self, db: sqlite3.Connection) -> bool:
-        """Copy what the log holds into the database; True while it is past its limit.
+        """Copy what the log holds into the database.
+
+        Returns True while the log is past its limit and still growing, when
+        the next pass should come soon.
 
         The log can start over only at a write that begins while every frame in
         it is copied. The engine writes without pause while output streams in,
@@ -235,10 +238,13 @@ class _Checkpointer:
         large = frames * frame_bytes > WAL_SIZE_LIMIT_BYTES
         self._large_passes = self._large_passes + 1 if large else 0
         few_left = copied_now <= CATCH_UP_FRAMES or self._large_passes >= CATCH_UP_PASSES
-        if large and not busy and copied == frames and few_left:
+        # A log that stopped growing starts over at the engine's next write
+        # without help, however long that takes to come.
+        growing = copied_now > 0
+        if large and growing and not busy and copied == frames and few_left:
             self._asked_at = time.monotonic()
             self.catch_up_wanted = True
-        return large
+        return large and growing
 
     def _drop_copied_from_cache(self, frame_bytes: int) -> None:
         """Drop the log's copied frames past its truncation size from the page cache.

@@ -490,6 +490,12 @@ class TestLogSize:
             with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as db:
                 assert store._checkpointer._checkpoint(db) is True
             assert store._checkpointer.catch_up_wanted is True
+            with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as db:
+                # Nothing new to copy: no hurry, and nothing to ask again.
+                store._checkpointer.catch_up_wanted = False
+                assert store._checkpointer._checkpoint(db) is False
+                assert store._checkpointer.catch_up_wanted is False
+                store._checkpointer.catch_up_wanted = True
             store.append_output("backup_1", "m1", 40, "z")
             # The engine's connection copied the last frames; its next write
             # starts the log over from its first frame.
