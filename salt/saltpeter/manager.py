@@ -76,6 +76,9 @@ class RunObserver(Protocol):
 class Connection(Protocol):
     def send_frame(self, text: str) -> None: ...
 
+    def drop(self, reason: str) -> None:
+        """Close the connection and ignore what else arrives on it; the wrapper reconnects."""
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
@@ -340,18 +343,58 @@ class RunManager:
         Their minions get the heartbeat window plus RECONNECT_GRACE_SECONDS to
         reconnect before they are recorded as lost.
         """
-        seen = self.clock() + RECONNECT_GRACE_SECONDS
         for row in self.store.running_runs():
-            run = self._run_from_row(row)
-            for machine in run.machines.values():
-                machine.last_seen = seen
-            self.runs[run.run_id] = run
-            if run.jid:
-                self._jids[run.jid] = run.run_id
+            run = self._reloaded(row)
             log.info(
                 "job %s run %s: reloaded from the store, still in flight", run.job_name, run.run_id
             )
         return len(self.runs)
+
+    def reload_run(self, run: Run) -> None:
+        """Replace ``run`` in memory with what the store holds, after writes for it were lost.
+
+        The engine's memory is then ahead of the store: sequence numbers,
+        results, the run's end. Every wrapper of the run is disconnected; it
+        reconnects, learns from its welcome what the store holds, and sends
+        the rest again. A run already replaced is left alone.
+        """
+        if self.runs.get(run.run_id, run) is not run:
+            return
+        self.runs.pop(run.run_id, None)
+        self._finished.pop(run.run_id, None)
+        if run.jid:
+            self._jids.pop(run.jid, None)
+        for machine in run.machines.values():
+            connection, machine.connection = machine.connection, None
+            if connection is not None:
+                connection.drop("store_failed")
+        row = self.store.run(run.run_id)
+        if row is None or row["status"] != RunStatus.RUNNING.value:
+            log.error(
+                "job %s run %s: writes for the run were lost, and the store has it %s",
+                run.job_name,
+                run.run_id,
+                "as " + row["status"] if row else "no more",
+            )
+            return
+        self._reloaded(row).job = run.job
+        log.error(
+            "job %s run %s: writes for the run were lost; reloaded it from the store, "
+            "and its wrappers reconnect to send them again",
+            run.job_name,
+            run.run_id,
+        )
+
+    def _reloaded(self, row: dict[str, Any]) -> Run:
+        """Take the stored run ``row`` in flight, its wrappers given time to reconnect."""
+        run = self._run_from_row(row)
+        seen = self.clock() + RECONNECT_GRACE_SECONDS
+        for machine in run.machines.values():
+            machine.last_seen = seen
+        self.runs[run.run_id] = run
+        if run.jid:
+            self._jids[run.jid] = run.run_id
+        return run
 
     def _run_from_row(self, row: dict[str, Any]) -> Run:
         run = Run(

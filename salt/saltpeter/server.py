@@ -18,6 +18,7 @@ import asyncio
 import collections
 import functools
 import logging
+import sqlite3
 import ssl
 import time
 from collections.abc import Callable
@@ -246,14 +247,35 @@ class WrapperHandler(tornado.websocket.WebSocketHandler):
             if store.begin_batch():
                 # Frames handled until the loop's next pass share one commit.
                 asyncio.get_running_loop().call_soon(store.commit_batch)
-            acked = self.manager.on_frame(self.run, self.machine, frame)
+            try:
+                acked = self.manager.on_frame(self.run, self.machine, frame)
+            except sqlite3.Error as exc:
+                log.error(
+                    "job %s run %s minion %s: storing frame %d failed: %s",
+                    self.run.job_name,
+                    self.run.run_id,
+                    self.machine.machine,
+                    frame.seq,
+                    exc,
+                )
+                store.fail_batch(exc)
+                self.manager.reload_run(self.run)
+                return
             # An ack promises the frame is stored, so it waits for the commit.
-            store.after_commit(functools.partial(self._ack, acked))
+            store.after_commit(
+                functools.partial(self._ack, acked),
+                functools.partial(self.manager.reload_run, self.run),
+            )
         except ProtocolError as error:
             self.reject(error)
 
     def _ack(self, seq: int) -> None:
         self.send_frame(protocol.encode("ack", seq=seq))
+
+    def drop(self, reason: str) -> None:
+        # The frames still arriving refer to state the engine gave up.
+        self.rejected = True
+        self.close(code=1011, reason=reason)
 
     def _on_hello(self, frame: protocol.Frame) -> None:
         if not isinstance(frame, Hello):

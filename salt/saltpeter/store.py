@@ -228,7 +228,11 @@ class _Checkpointer:
         except sqlite3.Error as exc:
             log.warning("checkpointing the run store %s failed: %s", self._path, exc)
             return False
-        busy, frames, copied = row if row else (1, 0, 0)
+        busy, frames, copied = row if row else (1, -1, -1)
+        if frames < 0:
+            # Another connection was checkpointing (the engine's own, see
+            # RunStore.catch_up_log); this pass copied nothing.
+            return True
         frame_bytes = self._page_size + _WAL_FRAME_HEADER_BYTES
         if copied > 0:
             self._drop_copied_from_cache(copied * frame_bytes)
@@ -290,8 +294,9 @@ class RunStore:
         self.max_output_bytes = max_output_bytes
         self.readonly = readonly
         self._counters: dict[tuple[str, str], _OutputCounters] = {}
-        # While a batch is open: what to call once it is committed.
-        self._batch: list[Callable[[], None]] | None = None
+        # While a batch is open: for each write held, what to call once it is
+        # committed, and what to call if the batch is lost instead.
+        self._batch: list[tuple[Callable[[], None], Callable[[], None] | None]] | None = None
         self._checkpointer: _Checkpointer | None = None
         if readonly:
             if not self.path.exists():
@@ -343,35 +348,62 @@ class RunStore:
         self._batch = []
         return True
 
-    def after_commit(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once what was written so far is committed."""
+    def after_commit(
+        self, callback: Callable[[], None], on_lost: Callable[[], None] | None = None
+    ) -> None:
+        """Call ``callback`` once what was written so far is committed.
+
+        If the open batch is lost instead (fail_batch, or a failed commit),
+        ``on_lost`` is called: the writes held with it are not in the store.
+        """
         if self._batch is None:
             callback()
         else:
-            self._batch.append(callback)
+            self._batch.append((callback, on_lost))
 
     def commit_batch(self) -> None:
         """Commit the open batch, if any, and call what waited for it."""
-        callbacks = self._batch
-        if callbacks is None:
+        held = self._batch
+        if held is None:
             return
         self._batch = None
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            log.error(
-                "run store %s: committing %d held writes failed, so they stay "
-                "unacknowledged: %s",
-                self.path,
-                len(callbacks),
-                exc,
-            )
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            self._lose(held, exc)
             return
-        for callback in callbacks:
+        for callback, _ in held:
             callback()
         self.catch_up_log()
+
+    def fail_batch(self, error: BaseException) -> None:
+        """Roll the open batch back after a write failed; none of its writes is kept.
+
+        One failed write can take the whole transaction with it (a full disk,
+        an I/O error), so the batch is given up as a whole.
+        """
+        held = self._batch
+        if held is None:
+            return
+        self._batch = None
+        self._lose(held, error)
+
+    def _lose(
+        self,
+        held: list[tuple[Callable[[], None], Callable[[], None] | None]],
+        error: BaseException,
+    ) -> None:
+        log.error("run store %s: %d held writes were lost: %s", self.path, len(held), error)
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                log.error("run store %s: rolling back failed: %s", self.path, exc)
+        # The output counters may count bytes the rollback removed.
+        self._counters.clear()
+        for _, on_lost in held:
+            if on_lost is not None:
+                on_lost()
 
     @contextmanager
     def _transaction(self, durable: bool = False) -> Iterator[None]:
@@ -392,15 +424,25 @@ class RunStore:
         self._db.execute("SAVEPOINT write")
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK TO write")
-            self._db.execute("RELEASE write")
+        except BaseException as exc:
+            self._counters.clear()  # they may count what is undone here
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK TO write")
+                self._db.execute("RELEASE write")
+            else:
+                # SQLite rolled the whole transaction back.
+                self.fail_batch(exc)
             raise
         self._db.execute("RELEASE write")
 
     def _write(self, sql: str, parameters: tuple[Any, ...]) -> sqlite3.Cursor:
         """Run one writing statement, committed at once unless a batch is open."""
-        cursor = self._db.execute(sql, parameters)
+        try:
+            cursor = self._db.execute(sql, parameters)
+        except sqlite3.Error as exc:
+            if self._batch is not None and not self._db.in_transaction:
+                self.fail_batch(exc)  # SQLite rolled the whole transaction back
+            raise
         if self._batch is None:
             self.catch_up_log()
         return cursor
@@ -416,11 +458,15 @@ class RunStore:
         checkpointer = self._checkpointer
         if checkpointer is None or not checkpointer.catch_up_wanted:
             return
-        checkpointer.catch_up_wanted = False
         try:
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            row = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             log.warning("checkpointing the run store %s failed: %s", self.path, exc)
+            row = None
+        # A busy result means the thread was in a pass: this copy is tried
+        # again at the next write.
+        if row is None or row[1] >= 0:
+            checkpointer.catch_up_wanted = False
 
     # -- jobs ---------------------------------------------------------------
 

@@ -8,6 +8,7 @@ the same events on a real bus.
 from __future__ import annotations
 
 import gc
+import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,13 @@ class FakeClock:
 class RecordedConnection:
     def __init__(self) -> None:
         self.frames: list[str] = []
+        self.dropped: list[str] = []
 
     def send_frame(self, text: str) -> None:
         self.frames.append(text)
+
+    def drop(self, reason: str) -> None:
+        self.dropped.append(reason)
 
 
 def make_job(name: str = "backup", **extra: Any):
@@ -448,6 +453,41 @@ class TestCompletion:
         assert manager.on_frame(found_run, machine, Output(3, "extra\n")) == 3
         assert "extra" not in store.output(run.run_id, "m1")
         assert len(events.tags()) == 4
+
+
+class TestLostWrites:
+    def test_reload_puts_the_store_state_back(
+        self, manager: RunManager, store: RunStore
+    ) -> None:
+        run, token = start_run(manager)
+        connections = {name: RecordedConnection() for name in run.machines}
+        for name, machine in run.machines.items():
+            manager.attach(run, machine, connections[name])
+        manager.on_frame(run, run.machines["m1"], Start(1, 42, "t"))
+        # The frames below are held in a batch that is then lost.
+        store.begin_batch()
+        manager.on_frame(run, run.machines["m1"], Output(2, "lost\n"))
+        manager.on_frame(run, run.machines["m1"], Complete(3, 0, "exit", "t", None))
+        manager.on_frame(run, run.machines["m2"], Start(1, 43, "t"))
+        manager.on_frame(run, run.machines["m2"], Complete(2, 0, "exit", "t", None))
+        assert manager.running("backup") == []
+        store.after_commit(lambda: None, lambda: manager.reload_run(run))
+        store.fail_batch(sqlite3.OperationalError("database or disk is full"))
+        [fresh] = manager.running("backup")
+        assert fresh is not run
+        assert fresh.run_id == run.run_id
+        assert fresh.machines["m1"].last_seq == 1
+        assert fresh.machines["m1"].state is MachineState.RUNNING
+        assert fresh.machines["m2"].last_seq == 0
+        assert all(connection.dropped == ["store_failed"] for connection in connections.values())
+        # The wrapper learns the stored sequence number and sends the rest again.
+        _, machine = manager.authenticate(hello(run.run_id, token))
+        assert manager.welcome(fresh, machine, False)["acked"] == 1
+        assert manager.on_frame(fresh, machine, Output(2, "sent again\n")) == 2
+        assert store.output(run.run_id, "m1") == "sent again\n"
+        # A second loss report for the replaced run changes nothing.
+        manager.reload_run(run)
+        assert manager.running("backup") == [fresh]
 
 
 class TestLateResults:

@@ -15,6 +15,8 @@ import collections
 import contextlib
 import json
 import os
+import resource
+import signal
 import ssl
 import subprocess
 import threading
@@ -342,6 +344,46 @@ class TestAcks:
         assert json.loads(ack) == {"type": "ack", "seq": 2}
         with contextlib.closing(RunStore(engine.store.path, readonly=True)) as reader:
             assert reader.output(run.run_id, MACHINE) == "stored first\n"
+
+
+    def test_lost_frames_are_sent_again(self, engine: EngineLoop) -> None:
+        run, token = engine.start_run("true")
+        connection = engine.connect()
+        engine.exchange(connection, hello_frame(run, token))
+        start = json.dumps({"type": "start", "seq": 1, "pid": 4242, "time": "t"})
+        lost = json.dumps({"type": "output", "seq": 2, "data": "x" * 200_000})
+        assert engine.exchange(connection, start) == [{"type": "ack", "seq": 1}]
+        engine.call(engine.store.begin_batch)
+        assert engine.exchange(connection, lost) == []
+
+        def failing_commit() -> None:
+            # The log file may not grow, so the commit cannot write its frames.
+            soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
+            try:
+                engine.store.commit_batch()
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        try:
+            engine.call(failing_commit)
+        finally:
+            signal.signal(signal.SIGXFSZ, previous)
+        # The engine closes the connection instead of acknowledging the frame.
+
+        async def read() -> Any:
+            return await asyncio.wait_for(connection.read_message(), timeout=5)
+
+        assert asyncio.run_coroutine_threadsafe(read(), engine.loop).result(10) is None
+        assert connection.close_code == 1011
+        # The new connection's welcome carries what the store holds.
+        again = engine.connect()
+        [welcome] = engine.exchange(again, hello_frame(run, token))
+        assert welcome["acked"] == 1
+        assert engine.exchange(again, lost) == [{"type": "ack", "seq": 2}]
+        with contextlib.closing(RunStore(engine.store.path, readonly=True)) as reader:
+            assert reader.output(run.run_id, MACHINE) == "x" * 200_000
 
 
 class TestHostilePeers:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
+import signal
 import sqlite3
 import time
 from datetime import datetime, timezone
@@ -423,6 +425,57 @@ class TestBatch:
         assert committed_output(store, "backup_1", "m1") == "kept"
         assert committed_output(store, "backup_1", "m2") == ""
 
+    @pytest.fixture
+    def roomy_store(self, tmp_path: Path) -> RunStore:
+        store = RunStore(tmp_path / "roomy.db", max_output_bytes=1 << 20)
+        store.sync_jobs({"backup": {"command": "true"}})
+        store.insert_run(make_run(), ["m1", "m2"], [])
+        yield store
+        store.close()
+
+    def test_full_disk_loses_the_whole_batch(self, roomy_store: RunStore) -> None:
+        store = roomy_store
+        events: list[str] = []
+        store.begin_batch()
+        store.append_output("backup_1", "m1", 1, "m1 line\n")
+        store.after_commit(lambda: events.append("m1 acked"), lambda: events.append("m1 lost"))
+        # No page may be added: SQLite fails the write with SQLITE_FULL and
+        # rolls the whole transaction back, as on a full disk.
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count={pages}")
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            store.append_output("backup_1", "m2", 1, "y" * 200_000)
+        assert events == ["m1 lost"]
+        store._db.execute("PRAGMA max_page_count=1073741823")
+        # The batch is closed: a later write is committed on its own.
+        store.append_output("backup_1", "m1", 1, "sent again\n")
+        store.commit_batch()
+        assert events == ["m1 lost"]
+        assert committed_output(store, "backup_1", "m1") == "sent again\n"
+        assert committed_output(store, "backup_1", "m2") == ""
+
+    def test_failed_commit_calls_on_lost(self, roomy_store: RunStore) -> None:
+        store = roomy_store
+        events: list[str] = []
+        store.begin_batch()
+        store.append_output("backup_1", "m1", 1, "x" * 200_000)
+        store.after_commit(lambda: events.append("acked"), lambda: events.append("lost"))
+        # The log file may not grow, so the commit cannot write its frames.
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, hard))
+        try:
+            store.commit_batch()
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous)
+        assert events == ["lost"]
+        assert not store._db.in_transaction
+        assert committed_output(store, "backup_1", "m1") == ""
+        # The counters start again from what the store holds.
+        store.append_output("backup_1", "m1", 1, "again")
+        assert store.output("backup_1", "m1") == "again"
+
     def test_close_commits_held_writes(self, tmp_path: Path) -> None:
         store = RunStore(tmp_path / "sp.db")
         store.sync_jobs({"backup": {"command": "true"}})
@@ -470,7 +523,7 @@ class TestLogSize:
         finally:
             store.close()
         # Without its own checkpoint the engine's log never starts over, and
-        # holds every write made.
+        # keeps every write made.
         assert restarts >= 5, (restarts, size, written)
         assert size < written / 2, (restarts, size, written)
 
