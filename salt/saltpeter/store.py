@@ -231,8 +231,9 @@ class _Checkpointer:
         busy, frames, copied = row if row else (1, -1, -1)
         if frames < 0:
             # Another connection was checkpointing (the engine's own, see
-            # RunStore.catch_up_log); this pass copied nothing.
-            return True
+            # RunStore.catch_up_log); this pass copied nothing, and the next
+            # one comes at the usual pace.
+            return False
         frame_bytes = self._page_size + _WAL_FRAME_HEADER_BYTES
         if copied > 0:
             self._drop_copied_from_cache(copied * frame_bytes)
