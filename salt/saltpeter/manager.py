@@ -77,7 +77,7 @@ class Connection(Protocol):
     def send_frame(self, text: str) -> None: ...
 
     def drop(self, reason: str) -> None:
-        """Close the connection and ignore what else arrives on it; the wrapper reconnects."""
+        """Close the connection and ignore what else arrives on it, so the wrapper reconnects."""
 
 
 def hash_token(token: str) -> str:
@@ -351,12 +351,12 @@ class RunManager:
         return len(self.runs)
 
     def reload_run(self, run: Run) -> None:
-        """Replace ``run`` in memory with what the store holds, after writes for it were lost.
+        """Replace ``run`` in memory with the store's copy, after writes for it were lost.
 
         The engine's memory is then ahead of the store: sequence numbers,
-        results, the run's end. Every wrapper of the run is disconnected; it
-        reconnects, learns from its welcome what the store holds, and sends
-        the rest again. A run already replaced is left alone.
+        results, the run's end. Every wrapper of the run is disconnected. It
+        reconnects, reads in its welcome the sequence number the store has,
+        and sends the rest again. A run already replaced is left alone.
         """
         if self.runs.get(run.run_id, run) is not run:
             return
@@ -386,7 +386,7 @@ class RunManager:
         )
 
     def _reloaded(self, row: dict[str, Any]) -> Run:
-        """Take the stored run ``row`` in flight, its wrappers given time to reconnect."""
+        """Take the stored run ``row`` in flight, with time for its wrappers to reconnect."""
         run = self._run_from_row(row)
         seen = self.clock() + RECONNECT_GRACE_SECONDS
         for machine in run.machines.values():

@@ -139,9 +139,9 @@ class Run:
 
     @property
     def in_flight(self) -> bool:
-        """True while any minion has no result yet.
+        """Return True while any minion has no result yet.
 
-        Asked after each result. Skipping the minions already found done
+        Checked after each result. Skipping the minions already found done
         keeps a run of thousands of minions from scanning all of them for
         every result that arrives.
         """

@@ -262,6 +262,8 @@ class WrapperHandler(tornado.websocket.WebSocketHandler):
                 self.manager.reload_run(self.run)
                 return
             # An ack promises the frame is stored, so it waits for the commit.
+            # NOTE: with synchronous=NORMAL a commit survives a crash of the
+            # engine, not a power loss.
             store.after_commit(
                 functools.partial(self._ack, acked),
                 functools.partial(self.manager.reload_run, self.run),
@@ -273,7 +275,7 @@ class WrapperHandler(tornado.websocket.WebSocketHandler):
         self.send_frame(protocol.encode("ack", seq=seq))
 
     def drop(self, reason: str) -> None:
-        # The frames still arriving refer to state the engine gave up.
+        # Frames still arriving refer to the run state the engine discarded.
         self.rejected = True
         self.close(code=1011, reason=reason)
 

@@ -424,7 +424,7 @@ class TestCompletion:
         assert store.run(run.run_id)["status"] == "failed"
         assert manager.running("backup") == []
 
-    def test_run_waits_for_minions_finishing_in_any_order(
+    def test_results_in_any_order(
         self, manager: RunManager, events: RecordedEvents
     ) -> None:
         names = [f"m{index}" for index in range(6)]

@@ -377,7 +377,7 @@ class TestAcks:
 
         assert asyncio.run_coroutine_threadsafe(read(), engine.loop).result(10) is None
         assert connection.close_code == 1011
-        # The new connection's welcome carries what the store holds.
+        # The new connection's welcome carries the stored sequence number.
         again = engine.connect()
         [welcome] = engine.exchange(again, hello_frame(run, token))
         assert welcome["acked"] == 1

@@ -299,8 +299,8 @@ class TestPrune:
                 started = SLOT.replace(day=1 + cycle, minute=index)
                 finished_run(big_store, f"backup_{cycle}_{index}", started, output=chunk * 10)
             big_store.prune(SLOT.replace(year=2000), keep_per_job=20)
-            # What the store's checkpoint thread does every quarter second;
-            # the thread's own pass may hold the checkpoint lock a moment.
+            # What the store's checkpoint thread does every quarter second.
+            # The thread's own pass may hold the checkpoint lock a moment.
             with contextlib.closing(sqlite3.connect(big_store.path)) as checkpointer:
                 for _ in range(200):
                     busy = checkpointer.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -388,14 +388,14 @@ class TestBatch:
         store.after_commit(lambda: acked.append(1))
         store.append_output("backup_1", "m1", 2, "two")
         store.after_commit(lambda: acked.append(2))
-        # The engine's own connection reads what it holds; no one else does yet.
+        # The engine's own connection reads the uncommitted writes, and no other does.
         assert store.output("backup_1", "m1") == "one two"
         assert committed_output(store, "backup_1", "m1") == ""
         assert acked == []
         store.commit_batch()
         assert acked == [1, 2]
         assert committed_output(store, "backup_1", "m1") == "one two"
-        store.commit_batch()  # nothing open: nothing happens
+        store.commit_batch()  # with no batch open, this does nothing
         assert acked == [1, 2]
 
     def test_callback_without_batch_runs_at_once(self, store: RunStore) -> None:
@@ -403,7 +403,7 @@ class TestBatch:
         store.after_commit(lambda: acked.append(1))
         assert acked == [1]
 
-    def test_new_runs_commit_the_held_writes_first(self, store: RunStore) -> None:
+    def test_new_runs_commit_batch_first(self, store: RunStore) -> None:
         store.insert_run(make_run(), ["m1", "m2"], [])
         acked: list[int] = []
         store.begin_batch()
@@ -477,7 +477,7 @@ class TestBatch:
         assert events == ["lost"]
         assert not store._db.in_transaction
         assert committed_output(store, "backup_1", "m1") == ""
-        # The counters start again from what the store holds.
+        # The output counters are reread from the store.
         store.append_output("backup_1", "m1", 1, "again")
         assert store.output("backup_1", "m1") == "again"
 
@@ -503,14 +503,16 @@ class TestLogSize:
         monkeypatch.setattr(store_module, "WAL_TRUNCATE_BYTES", 4 * limit)
         monkeypatch.setattr(store_module, "CHECKPOINT_SECONDS", 0.01)
         monkeypatch.setattr(store_module, "CATCH_UP_SECONDS", 0.001)
-        # This writer outruns any pass; the engine's copy then starts after
-        # a few passes rather than after few frames were left.
+        # This writer outruns any pass, so the engine's copy starts after a few
+        # passes rather than once few frames were left.
         monkeypatch.setattr(store_module, "CATCH_UP_PASSES", 3)
+
         store = RunStore(tmp_path / "sp.db", max_output_bytes=1 << 30)
         try:
             store.sync_jobs({"backup": {"command": "true"}})
             store.insert_run(make_run(), ["m1", "m2"], [])
             wal = Path(f"{store.path}-wal")
+
             chunk = "x" * 8000
             written = 0
             seq = 0
@@ -522,17 +524,20 @@ class TestLogSize:
                 store.append_output("backup_1", "m1", seq, chunk)
                 store.append_output("backup_1", "m2", seq, chunk)
                 written += 2 * len(chunk)
+
             size = wal.stat().st_size
-            # The log's header counts the times it started over.
+            # The log header's checkpoint sequence number counts the times
+            # the log started over.
             restarts = int.from_bytes(wal.read_bytes()[12:16], "big")
         finally:
             store.close()
+
         # Without its own checkpoint the engine's log never starts over, and
         # keeps every write made.
         assert restarts >= 5, (restarts, size, written)
         assert size < written / 2, (restarts, size, written)
 
-    def test_catch_up_waits_for_a_fully_copied_log(
+    def test_catch_up_after_full_copy(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setattr(store_module, "WAL_SIZE_LIMIT_BYTES", 16 * 1024)
@@ -540,24 +545,24 @@ class TestLogSize:
         try:
             store.sync_jobs({"backup": {"command": "true"}})
             store._checkpointer.stop()
-            store._checkpointer.catch_up_wanted = False
+            store._checkpointer.catch_up_requested = False
             store.insert_run(make_run(), ["m1", "m2"], [])
             for seq in range(1, 40):
                 store.append_output("backup_1", "m1", seq, "y" * 1000)
-            assert store._checkpointer.catch_up_wanted is False
+            assert store._checkpointer.catch_up_requested is False
             with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as db:
                 assert store._checkpointer._checkpoint(db) is True
-            assert store._checkpointer.catch_up_wanted is True
+            assert store._checkpointer.catch_up_requested is True
             with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as db:
-                # Nothing new to copy: no hurry, and nothing to ask again.
-                store._checkpointer.catch_up_wanted = False
+                # With nothing new to copy, the thread neither hurries nor requests again.
+                store._checkpointer.catch_up_requested = False
                 assert store._checkpointer._checkpoint(db) is False
-                assert store._checkpointer.catch_up_wanted is False
-                store._checkpointer.catch_up_wanted = True
+                assert store._checkpointer.catch_up_requested is False
+                store._checkpointer.catch_up_requested = True
             store.append_output("backup_1", "m1", 40, "z")
-            # The engine's connection copied the last frames; its next write
-            # starts the log over from its first frame.
-            assert store._checkpointer.catch_up_wanted is False
+            # The engine's connection copied the last frames, so its next
+            # write starts the log over from its first frame.
+            assert store._checkpointer.catch_up_requested is False
             store.append_output("backup_1", "m1", 41, "z")
             with contextlib.closing(sqlite3.connect(store.path, isolation_level=None)) as db:
                 frames = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
