@@ -279,26 +279,62 @@ class RunManager:
         All are stored in one transaction. A run whose slot already has one
         is left out with a warning. Returns the runs started.
         """
+        return self._take_in_flight(self._insert(runs, prepared=False))
+
+    def prepare_runs(self, runs: list[Run]) -> list[Run]:
+        """Store runs made by :meth:`new_run` ahead of their instant; return those stored.
+
+        They stay out of the history and out of flight until
+        :meth:`activate_runs`. A run whose slot already has one is left out.
+        """
+        return [run for run, _, _ in self._insert(runs, prepared=True)]
+
+    def activate_runs(self, runs: list[Run]) -> list[Run]:
+        """Take runs stored by :meth:`prepare_runs` in flight and announce them.
+
+        Their ``started_at`` becomes now, and their store rows running runs.
+        """
+        now = utcnow()
+        seen = self.clock()
+        for run in runs:
+            run.started_at = now
+            for machine in run.machines.values():
+                if machine.state is MachineState.PENDING:
+                    machine.last_seen = seen
+        self.store.activate_runs(runs)
+        return self._take_in_flight(
+            [(run, launch_targets(run), maintenance_targets(run)) for run in runs]
+        )
+
+    def discard_prepared(self, runs: Iterable[Run]) -> None:
+        """Delete prepared runs that are not going to start."""
+        self.store.drop_prepared(run.run_id for run in runs)
+
+    def _insert(self, runs: list[Run], prepared: bool) -> list[tuple[Run, list[str], list[str]]]:
         entries = [(run, launch_targets(run), maintenance_targets(run)) for run in runs]
         try:
-            self.store.insert_runs(entries)
-            stored = entries
+            self.store.insert_runs(entries, prepared=prepared)
+            return entries
         except sqlite3.IntegrityError:
-            # Rare: a slot was taken since the caller checked. Store the runs
-            # one by one to keep all the others.
-            stored = []
-            for entry in entries:
-                try:
-                    self.store.insert_runs([entry])
-                except sqlite3.IntegrityError:
-                    run = entry[0]
-                    log.warning(
-                        "job %s: the %s slot already has a run",
-                        run.job_name,
-                        isoformat(run.scheduled_at),
-                    )
-                else:
-                    stored.append(entry)
+            pass
+        # Rare: a slot was taken since the caller checked. Store the runs one
+        # by one to keep all the others.
+        stored = []
+        for entry in entries:
+            try:
+                self.store.insert_runs([entry], prepared=prepared)
+            except sqlite3.IntegrityError:
+                run = entry[0]
+                log.warning(
+                    "job %s: the %s slot already has a run",
+                    run.job_name,
+                    isoformat(run.scheduled_at),
+                )
+            else:
+                stored.append(entry)
+        return stored
+
+    def _take_in_flight(self, stored: list[tuple[Run, list[str], list[str]]]) -> list[Run]:
         for run, targets, maintenance in stored:
             for machine in maintenance:
                 self.store.append_output(run.run_id, machine, 0, "target under maintenance\n")

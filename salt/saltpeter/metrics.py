@@ -44,6 +44,10 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # Labelled children of the counters, looked up once each. labels()
+        # converts the values and takes a lock on every call, once per run
+        # in a burst of starts.
+        self._children: dict[tuple[int, str, str], Any] = {}
         self.runs_started = Counter(
             "saltpeter_runs_started",
             "Runs started, by job and trigger.",
@@ -114,17 +118,24 @@ class Metrics:
             return
         job = parts[2]
         if len(parts) == 4 and parts[3] == "start":
-            self.runs_started.labels(job=job, trigger=str(data.get("trigger"))).inc()
+            self._count(self.runs_started, job, str(data.get("trigger")))
         elif len(parts) == 4 and parts[3] == "complete":
-            result = "succeeded" if data.get("success") else "failed"
-            self.runs_finished.labels(job=job, result=result).inc()
+            self._count(self.runs_finished, job, "succeeded" if data.get("success") else "failed")
         elif len(parts) == 4 and parts[3] == "skipped":
-            self.skips.labels(job=job, reason=str(data.get("reason"))).inc()
+            self._count(self.skips, job, str(data.get("reason")))
         elif len(parts) == 5 and parts[4] == "complete":
             reason = str(data.get("reason"))
-            self.minion_results.labels(job=job, reason=reason).inc()
+            self._count(self.minion_results, job, reason)
             if reason == "lost":
                 self.heartbeat_losses.labels(job=job).inc()
+
+    def _count(self, counter: Counter, job: str, label: str) -> None:
+        """Add one to ``counter`` for the label values (``job``, ``label``)."""
+        key = (id(counter), job, label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(job, label)
+        child.inc()
 
     def on_output(self, job: str, run_id: str, minion: str, data: str) -> None:
         return None

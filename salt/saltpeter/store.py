@@ -73,6 +73,11 @@ _WAL_HEADER_BYTES = 32
 _WAL_FRAME_HEADER_BYTES = 24
 # Values bound in one IN (...) query, well under SQLite's limit of 32,766.
 _QUERY_CHUNK = 500
+# The status of a run stored ahead of its instant (insert_runs with
+# prepared=True). Reads leave such rows out, and activate_runs makes them
+# running runs. A prepared run is never published, so an engine that finds
+# one when it opens the store drops it.
+PREPARED = "prepared"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -328,6 +333,13 @@ class RunStore:
             self._db.execute("PRAGMA wal_autocheckpoint=0")
             self._db.execute(f"PRAGMA journal_size_limit={WAL_TRUNCATE_BYTES}")
             self._checkpointer = _Checkpointer(self.path)
+            dropped = self.drop_prepared()
+            if dropped:
+                log.info(
+                    "run store %s: dropped %d run(s) prepared before the engine stopped",
+                    self.path,
+                    dropped,
+                )
         self._db.row_factory = sqlite3.Row
 
     def close(self) -> None:
@@ -566,12 +578,17 @@ class RunStore:
         """
         self.insert_runs([(run, targets, maintenance)])
 
-    def insert_runs(self, runs: Iterable[tuple[Run, Iterable[str], Iterable[str]]]) -> None:
+    def insert_runs(
+        self, runs: Iterable[tuple[Run, Iterable[str], Iterable[str]]], prepared: bool = False
+    ) -> None:
         """Store several new runs, each with its targets and minions under maintenance.
 
         One transaction: all are stored or none. Raises sqlite3.IntegrityError
         if any job already has a run for the scheduled instant of its new run.
+        With ``prepared`` the runs are stored ahead of their instant: reads
+        leave them out until activate_runs() and the jobs' last run is not set.
         """
+        status = PREPARED if prepared else RunStatus.RUNNING.value
         run_rows = []
         result_rows = []
         job_rows = []
@@ -584,7 +601,7 @@ class RunStore:
                     run.trigger.value,
                     isoformat(run.scheduled_at),
                     started,
-                    RunStatus.RUNNING.value,
+                    status,
                     run.token_hash,
                     run.jid,
                     run.timeout,
@@ -617,9 +634,52 @@ class RunStore:
                 "VALUES (?, ?, ?, ?, ?)",
                 result_rows,
             )
-            self._db.executemany(
-                "UPDATE jobs SET last_run = ?, last_run_id = ? WHERE name = ?", job_rows
+            if not prepared:
+                self._db.executemany(
+                    "UPDATE jobs SET last_run = ?, last_run_id = ? WHERE name = ?", job_rows
+                )
+
+    def activate_runs(self, runs: Iterable[Run]) -> None:
+        """Mark prepared runs as running, with their ``started_at``, and commit.
+
+        Raises StoreError, with nothing changed, if one of them is not stored
+        as prepared.
+        """
+        rows = [(isoformat(run.started_at), run.run_id, run.job_name) for run in runs]
+        running = RunStatus.RUNNING.value
+        with self._transaction(durable=True):
+            cursor = self._db.executemany(
+                "UPDATE runs SET status = ?, started_at = ? WHERE run_id = ? AND status = ?",
+                [(running, started, run_id, PREPARED) for started, run_id, _ in rows],
             )
+            if cursor.rowcount != len(rows):
+                raise StoreError(
+                    f"run store {self.path}: {len(rows) - cursor.rowcount} of {len(rows)} "
+                    "run(s) to start are no longer stored as prepared"
+                )
+            self._db.executemany(
+                "UPDATE jobs SET last_run = ?, last_run_id = ? WHERE name = ?", rows
+            )
+
+    def drop_prepared(self, run_ids: Iterable[str] | None = None) -> int:
+        """Delete the prepared runs ``run_ids``, or all of them; return how many."""
+        with self._transaction():
+            if run_ids is None:
+                self._db.execute(
+                    "DELETE FROM results WHERE run_id IN "
+                    "(SELECT run_id FROM runs WHERE status = ?)",
+                    (PREPARED,),
+                )
+                return self._db.execute("DELETE FROM runs WHERE status = ?", (PREPARED,)).rowcount
+            dropped = 0
+            for run_id in run_ids:
+                cursor = self._db.execute(
+                    "DELETE FROM runs WHERE run_id = ? AND status = ?", (run_id, PREPARED)
+                )
+                if cursor.rowcount:
+                    self._db.execute("DELETE FROM results WHERE run_id = ?", (run_id,))
+                    dropped += 1
+            return dropped
 
     def insert_skip(
         self,
@@ -672,7 +732,8 @@ class RunStore:
         """
         rows = self._db.execute(
             "SELECT job, MAX(scheduled_at) AS slot FROM runs "
-            "WHERE scheduled_at IS NOT NULL GROUP BY job"
+            "WHERE scheduled_at IS NOT NULL AND status != ? GROUP BY job",
+            (PREPARED,),
         )
         return {row["job"]: datetime.fromisoformat(row["slot"]) for row in rows}
 
@@ -731,9 +792,9 @@ class RunStore:
                 "CREATE TEMP TABLE doomed AS SELECT run_id FROM ("
                 "  SELECT run_id, status, started_at, ROW_NUMBER() OVER ("
                 "    PARTITION BY job ORDER BY started_at DESC, rowid DESC) AS position"
-                "  FROM runs"
+                "  FROM runs WHERE status != ?"
                 ") WHERE status != ? AND (started_at < ? OR position > ?)",
-                (running, isoformat(older_than), keep_per_job),
+                (PREPARED, running, isoformat(older_than), keep_per_job),
             )
             self._db.execute("DELETE FROM output WHERE run_id IN (SELECT run_id FROM temp.doomed)")
             self._db.execute("DELETE FROM results WHERE run_id IN (SELECT run_id FROM temp.doomed)")
@@ -857,18 +918,22 @@ class RunStore:
     # -- reads --------------------------------------------------------------
 
     def run(self, run_id: str) -> dict[str, Any] | None:
-        row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = self._db.execute(
+            "SELECT * FROM runs WHERE run_id = ? AND status != ?", (run_id, PREPARED)
+        ).fetchone()
         return self._run_dict(row) if row else None
 
     def runs(self, job: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
         if job is None:
             rows = self._db.execute(
-                "SELECT * FROM runs ORDER BY started_at DESC, rowid DESC LIMIT ?", (limit,)
+                "SELECT * FROM runs WHERE status != ? ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                (PREPARED, limit),
             )
         else:
             rows = self._db.execute(
-                "SELECT * FROM runs WHERE job = ? ORDER BY started_at DESC, rowid DESC LIMIT ?",
-                (job, limit),
+                "SELECT * FROM runs WHERE job = ? AND status != ? "
+                "ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                (job, PREPARED, limit),
             )
         return [self._run_dict(row) for row in rows.fetchall()]
 
@@ -879,7 +944,7 @@ class RunStore:
         return [self._run_dict(row) for row in rows.fetchall()]
 
     def latest_run(self, job: str, include_skipped: bool = False) -> dict[str, Any] | None:
-        query = "SELECT * FROM runs WHERE job = ?"
+        query = f"SELECT * FROM runs WHERE job = ? AND status != '{PREPARED}'"
         if not include_skipped:
             query += f" AND status NOT IN ('{RunStatus.SKIPPED.value}', '{RunStatus.MISSED.value}')"
         row = self._db.execute(

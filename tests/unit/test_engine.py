@@ -194,6 +194,150 @@ class TestDispatchMany:
         assert counts == [2]
 
 
+def stored_rows(engine: Engine) -> list[tuple[str, str]]:
+    """Every row of the runs table, prepared ones included, as (run id, status)."""
+    rows = engine.store._db.execute("SELECT run_id, status FROM runs ORDER BY run_id")
+    return [(row[0], row[1]) for row in rows]
+
+
+def prepare_then_dispatch(engine: Engine, slots, requests, between=None) -> list[dict[str, Any]]:
+    async def scenario() -> list[dict[str, Any]]:
+        await engine._prepare(slots)
+        if between is not None:
+            between()
+        return await engine.dispatch_many(requests)
+
+    return asyncio.run(scenario())
+
+
+class TestPreparedRuns:
+    def test_stored_ahead_but_hidden_until_the_instant(self, engine: Engine) -> None:
+        asyncio.run(engine._prepare([("backup", SLOT), ("web", SLOT), ("nowhere", SLOT)]))
+        run_id = f"backup_{int(SLOT.timestamp())}"
+        # Stored, but no read shows it and nothing is published yet.
+        assert stored_rows(engine) == [
+            (run_id, "prepared"),
+            (f"web_{int(SLOT.timestamp())}", "prepared"),
+        ]
+        assert engine.store.runs() == []
+        assert engine.store.run(run_id) is None
+        assert engine.store.latest_run("backup") is None
+        assert engine.store.latest_slots() == {}
+        assert engine.store.jobs()["backup"].last_run_id is None
+        assert engine.bridge.published == []
+        assert engine.manager.runs == {}
+        resolved = len(engine.bridge.resolved)
+        activated_after = datetime.now(timezone.utc)
+
+        results = asyncio.run(
+            engine.dispatch_many(
+                [
+                    ("backup", Trigger.SCHEDULE, SLOT),
+                    ("web", Trigger.SCHEDULE, SLOT),
+                    ("nowhere", Trigger.SCHEDULE, SLOT),
+                ]
+            )
+        )
+        assert [result["started"] for result in results] == [True, True, False]
+        assert results[0] == {
+            "started": True,
+            "run_id": run_id,
+            "targets": ["db1", "db2"],
+            "maintenance": [],
+        }
+        assert results[2]["reason"] == "no_targets"
+        # The instant resolved only the target that was not prepared.
+        assert engine.bridge.resolved[resolved:] == [("mail*", "glob")]
+        assert {arg[1] for _, _, arg in engine.bridge.published} == {"backup", "web"}
+        assert {row["run_id"] for row in engine.store.running_runs()} == {
+            run_id,
+            results[1]["run_id"],
+        }
+        # Started when it was activated, not when it was prepared.
+        assert datetime.fromisoformat(engine.store.run(run_id)["started_at"]) >= activated_after
+        assert engine.store.jobs()["backup"].last_run_id == run_id
+        assert engine.store.latest_slots()["backup"] == SLOT
+        started = [tag for tag, _ in engine.bridge.events if tag.endswith("/start")]
+        assert len(started) == 2
+
+    def test_run_prepared_from_an_old_definition_is_made_again(self, engine: Engine) -> None:
+        def redefine() -> None:
+            engine.jobs["backup"] = make_job("backup", "db1", command="pg_dump all")
+
+        result = prepare_then_dispatch(
+            engine, [("backup", SLOT)], [("backup", Trigger.SCHEDULE, SLOT)], redefine
+        )[0]
+        assert result["targets"] == ["db1"]
+        assert engine.manager.runs[result["run_id"]].job.command == "pg_dump all"
+        assert stored_rows(engine) == [(result["run_id"], "running")]
+        assert engine.bridge.published[0][0] == ["db1"]
+
+    def test_minion_put_under_maintenance_meanwhile_is_left_out(self, engine: Engine) -> None:
+        def maintain() -> None:
+            engine.maintenance = Maintenance(machines=frozenset({"db2"}))
+
+        result = prepare_then_dispatch(
+            engine, [("backup", SLOT)], [("backup", Trigger.SCHEDULE, SLOT)], maintain
+        )[0]
+        assert result["targets"] == ["db1"]
+        assert result["maintenance"] == ["db2"]
+        assert engine.bridge.published[0][0] == ["db1"]
+
+    def test_removed_job_leaves_no_run_behind(self, engine: Engine) -> None:
+        def remove() -> None:
+            del engine.jobs["backup"]
+
+        results = prepare_then_dispatch(
+            engine,
+            [("backup", SLOT), ("web", SLOT)],
+            [("web", Trigger.SCHEDULE, SLOT)],
+            remove,
+        )
+        assert results[0]["started"]
+        assert stored_rows(engine) == [(results[0]["run_id"], "running")]
+
+    def test_overlap_at_the_instant_records_the_skip(self, engine: Engine) -> None:
+        earlier = SLOT - timedelta(minutes=5)
+        running = dispatch_many(engine, [("backup", Trigger.SCHEDULE, earlier)])[0]
+        result = prepare_then_dispatch(
+            engine, [("backup", SLOT)], [("backup", Trigger.SCHEDULE, SLOT)]
+        )[0]
+        assert result["reason"] == "overlap"
+        assert result["running"] == [running["run_id"]]
+        assert engine.store.latest_run("backup", include_skipped=True)["status"] == "skipped"
+        assert [status for _, status in stored_rows(engine)] == ["running", "skipped"]
+        assert len(engine.bridge.published) == 1
+
+    def test_maintenance_at_the_instant_records_the_skip(self, engine: Engine) -> None:
+        def maintain() -> None:
+            engine.maintenance = Maintenance(global_=True)
+
+        result = prepare_then_dispatch(
+            engine, [("backup", SLOT)], [("backup", Trigger.SCHEDULE, SLOT)], maintain
+        )[0]
+        assert result["reason"] == "maintenance"
+        assert [status for _, status in stored_rows(engine)] == ["skipped"]
+        assert engine.bridge.published == []
+
+    def test_dispatch_waits_for_a_preparation_under_way(self, engine: Engine) -> None:
+        async def scenario() -> list[dict[str, Any]]:
+            engine._on_prepare([("backup", SLOT)])
+            return await engine.dispatch_many([("backup", Trigger.SCHEDULE, SLOT)])
+
+        result = asyncio.run(scenario())[0]
+        assert result["started"]
+        # One resolution: the dispatch used the prepared run.
+        assert engine.bridge.resolved == [("db*", "glob")]
+        assert stored_rows(engine) == [(result["run_id"], "running")]
+
+    def test_engine_restart_drops_prepared_runs(self, engine: Engine, tmp_path: Path) -> None:
+        asyncio.run(engine._prepare([("backup", SLOT)]))
+        engine.store.close()
+        engine.store = RunStore(tmp_path / "sp.db")
+        assert stored_rows(engine) == []
+        assert not engine.store.slot_taken("backup", SLOT)
+
+
 class TestNextRuns:
     def test_stored_in_batches_after_a_reload(self, engine: Engine) -> None:
         engine.scheduler = Scheduler(lambda name, at: None, on_next=engine._on_next_fire)

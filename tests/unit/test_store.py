@@ -143,6 +143,61 @@ class TestRuns:
         assert store.run_ids_taken(many) == {"backup_1"}
 
 
+class TestPreparedRuns:
+    def test_hidden_from_reads_until_activated(self, store: RunStore) -> None:
+        run = make_run()
+        store.insert_runs([(run, ["m1", "m2"], [])], prepared=True)
+        assert store.run("backup_1") is None
+        assert store.runs() == [] and store.runs("backup") == []
+        assert store.running_runs() == []
+        assert store.latest_run("backup", include_skipped=True) is None
+        assert store.latest_slots() == {}
+        assert store.jobs()["backup"].last_run_id is None
+        # The slot is held all the same.
+        assert store.slot_taken("backup", SLOT)
+        with pytest.raises(sqlite3.IntegrityError):
+            store.insert_run(make_run("backup_2"), ["m1"], [])
+
+        run.started_at = SLOT.replace(second=1)
+        store.activate_runs([run])
+        row = store.run("backup_1")
+        assert row["status"] == "running"
+        assert row["started_at"] == SLOT.replace(second=1).isoformat()
+        assert store.jobs()["backup"].last_run_id == "backup_1"
+        assert sorted(store.results("backup_1")) == ["m1", "m2"]
+
+    def test_activating_a_run_not_prepared_changes_nothing(self, store: RunStore) -> None:
+        prepared, running = make_run("backup_1"), make_run("backup_2", SLOT.replace(minute=1))
+        store.insert_runs([(prepared, ["m1"], [])], prepared=True)
+        store.insert_runs([(running, ["m1"], [])])
+        with pytest.raises(StoreError, match="1 of 2"):
+            store.activate_runs([prepared, running])
+        assert store.run("backup_1") is None
+        assert store.jobs()["backup"].last_run_id == "backup_2"
+
+    def test_dropped_with_their_results(self, store: RunStore) -> None:
+        store.insert_runs([(make_run("backup_1"), ["m1", "m2"], [])], prepared=True)
+        store.insert_runs([(make_run("backup_2", SLOT.replace(minute=1)), ["m1"], [])])
+        assert store.drop_prepared(["backup_1", "backup_2", "absent"]) == 1
+        assert not store.slot_taken("backup", SLOT)
+        assert sorted(store.results("backup_2")) == ["m1", "m2"]
+        assert store._db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 2
+        assert store.run("backup_2")["status"] == "running"
+
+    def test_reopening_the_store_drops_them(self, tmp_path: Path) -> None:
+        with contextlib.closing(RunStore(tmp_path / "sp.db")) as store:
+            store.insert_runs([(make_run("backup_1"), ["m1", "m2"], [])], prepared=True)
+            assert store.slot_taken("backup", SLOT)
+        with contextlib.closing(RunStore(tmp_path / "sp.db")) as reopened:
+            assert not reopened.slot_taken("backup", SLOT)
+            assert reopened._db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 0
+
+    def test_prune_leaves_them_alone(self, store: RunStore) -> None:
+        store.insert_runs([(make_run("backup_1"), ["m1"], [])], prepared=True)
+        assert store.prune(SLOT.replace(year=2100), keep_per_job=0) == 0
+        assert store.slot_taken("backup", SLOT)
+
+
 class TestOutputCap:
     def test_small_output_is_kept_whole(self, store: RunStore) -> None:
         store.insert_run(make_run(), ["m1", "m2"], [])
