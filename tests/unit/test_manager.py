@@ -346,7 +346,8 @@ class TestAuthentication:
     ) -> None:
         run, token = start_run(manager, targets=("m1",))
         complete(manager, run, "m1")
-        assert store.prune(SLOT + timedelta(days=1), keep_per_job=1000) == 1
+        # Runs start at the wall clock's time, so the cutoff follows this run's start.
+        assert store.prune(run.started_at + timedelta(seconds=1), keep_per_job=1000) == 1
         with pytest.raises(ProtocolError) as caught:
             manager.authenticate(hello(run.run_id, token))
         assert caught.value.code == UNKNOWN_RUN
