@@ -67,7 +67,8 @@ def run_figures(store_path: Path, scheduled: datetime) -> dict[str, Any] | None:
             "SELECT run_id, status, started_at FROM runs WHERE job = ? AND scheduled_at = ?",
             (JOB, scheduled.isoformat()),
         ).fetchone()
-        if run is None or run[1] == "running":
+        # A prepared run is stored half a second before its slot.
+        if run is None or run[1] in ("prepared", "running"):
             return None
         rows = db.execute(
             "SELECT machine, started_at, retcode, reason FROM results WHERE run_id = ?",

@@ -107,7 +107,7 @@ def saltpeter_lateness(store_path: Path, job: str) -> list[float]:
     with sqlite3.connect(f"file:{store_path}?mode=ro", uri=True, timeout=10) as db:
         rows = db.execute(
             "SELECT scheduled_at, started_at FROM runs WHERE job = ? AND trigger = 'schedule' "
-            "AND status NOT IN ('skipped', 'missed') ORDER BY scheduled_at",
+            "AND status NOT IN ('skipped', 'missed', 'prepared') ORDER BY scheduled_at",
             (job,),
         ).fetchall()
     lateness = [

@@ -123,7 +123,9 @@ class StoreReader:
 
     def counts(self) -> tuple[int, int, int]:
         """Return (runs, runs still running, results recorded as lost)."""
-        rows = self._query("SELECT status, COUNT(*) FROM runs GROUP BY status")
+        rows = self._query(
+            "SELECT status, COUNT(*) FROM runs WHERE status != 'prepared' GROUP BY status"
+        )
         by_status = dict(rows)
         lost = self._query("SELECT COUNT(*) FROM results WHERE reason = 'lost'")
         return sum(by_status.values()), by_status.get("running", 0), lost[0][0] if lost else 0
@@ -132,7 +134,7 @@ class StoreReader:
         """Return each scheduled run's delay from its slot to its creation (before the publish)."""
         rows = self._query(
             "SELECT scheduled_at, started_at FROM runs "
-            "WHERE trigger = 'schedule' AND status NOT IN ('skipped', 'missed')"
+            "WHERE trigger = 'schedule' AND status NOT IN ('skipped', 'missed', 'prepared')"
         )
         return [
             (datetime.fromisoformat(started) - datetime.fromisoformat(scheduled)).total_seconds()
