@@ -142,13 +142,18 @@ class StoreReader:
         ]
 
     def reasons(self) -> dict[str, int]:
-        rows = self._query("SELECT COALESCE(reason, state), COUNT(*) FROM results GROUP BY 1")
+        rows = self._query(
+            "SELECT COALESCE(reason, state), COUNT(*) FROM results WHERE run_id NOT IN "
+            "(SELECT run_id FROM runs WHERE status = 'prepared') GROUP BY 1"
+        )
         return {str(reason): count for reason, count in rows}
 
     def statuses(self) -> dict[str, int]:
         return {
             str(status): count
-            for status, count in self._query("SELECT status, COUNT(*) FROM runs GROUP BY status")
+            for status, count in self._query(
+                "SELECT status, COUNT(*) FROM runs WHERE status != 'prepared' GROUP BY status"
+            )
         }
 
     def size_bytes(self) -> int:

@@ -662,8 +662,12 @@ class RunStore:
             )
 
     def drop_prepared(self, run_ids: Iterable[str] | None = None) -> int:
-        """Delete the prepared runs ``run_ids``, or all of them; return how many."""
-        with self._transaction():
+        """Delete the prepared runs ``run_ids``, or all of them; return how many.
+
+        Committed before this returns, so a failed write batch later cannot
+        bring back a row whose slot the engine has given to another record.
+        """
+        with self._transaction(durable=True):
             if run_ids is None:
                 self._db.execute(
                     "DELETE FROM results WHERE run_id IN "

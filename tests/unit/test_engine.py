@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import gc
+import sqlite3
 import sys
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
@@ -211,7 +212,7 @@ def prepare_then_dispatch(engine: Engine, slots, requests, between=None) -> list
 
 
 class TestPreparedRuns:
-    def test_stored_ahead_but_hidden_until_the_instant(self, engine: Engine) -> None:
+    def test_hidden_until_the_instant(self, engine: Engine) -> None:
         asyncio.run(engine._prepare([("backup", SLOT), ("web", SLOT), ("nowhere", SLOT)]))
         run_id = f"backup_{int(SLOT.timestamp())}"
         # Stored, but no read shows it and nothing is published yet.
@@ -260,7 +261,7 @@ class TestPreparedRuns:
         started = [tag for tag, _ in engine.bridge.events if tag.endswith("/start")]
         assert len(started) == 2
 
-    def test_run_prepared_from_an_old_definition_is_made_again(self, engine: Engine) -> None:
+    def test_old_definition_is_remade(self, engine: Engine) -> None:
         def redefine() -> None:
             engine.jobs["backup"] = make_job("backup", "db1", command="pg_dump all")
 
@@ -272,7 +273,7 @@ class TestPreparedRuns:
         assert stored_rows(engine) == [(result["run_id"], "running")]
         assert engine.bridge.published[0][0] == ["db1"]
 
-    def test_minion_put_under_maintenance_meanwhile_is_left_out(self, engine: Engine) -> None:
+    def test_new_maintenance_leaves_minion_out(self, engine: Engine) -> None:
         def maintain() -> None:
             engine.maintenance = Maintenance(machines=frozenset({"db2"}))
 
@@ -329,6 +330,104 @@ class TestPreparedRuns:
         # One resolution: the dispatch used the prepared run.
         assert engine.bridge.resolved == [("db*", "glob")]
         assert stored_rows(engine) == [(result["run_id"], "running")]
+
+    def test_failed_drop_keeps_the_rest_of_the_batch(
+        self, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real_drop = engine.store.drop_prepared
+
+        def failing_drop(run_ids=None):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        async def scenario() -> list[dict[str, Any]]:
+            await engine._prepare([("backup", SLOT), ("web", SLOT)])
+            engine.jobs["web"] = make_job("web", "web*", command="changed")
+            monkeypatch.setattr(engine.store, "drop_prepared", failing_drop)
+            results = await engine.dispatch_many(
+                [
+                    ("backup", Trigger.SCHEDULE, SLOT),
+                    ("web", Trigger.SCHEDULE, SLOT),
+                    ("report", Trigger.SCHEDULE, SLOT),
+                ]
+            )
+            monkeypatch.setattr(engine.store, "drop_prepared", real_drop)
+            return results
+
+        results = asyncio.run(scenario())
+        # The stale web run could not be deleted, so its slot stays taken;
+        # the valid prepared run and the run that was not prepared start.
+        assert [result.get("started") for result in results] == [True, False, True]
+        assert results[1]["reason"] == "slot_taken"
+        assert {arg[1] for _, _, arg in engine.bridge.published} == {"backup", "report"}
+        # The deletion is tried again, here by the sweep's pass.
+        engine._drop_expired_prepared()
+        assert engine._undropped == []
+        assert [status for _, status in stored_rows(engine)] == ["running", "running"]
+
+    def test_failed_activation_makes_the_runs_again(
+        self, engine: Engine, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def failing_activation(runs):
+            raise sqlite3.OperationalError("database is locked")
+
+        async def scenario() -> list[dict[str, Any]]:
+            await engine._prepare([("backup", SLOT)])
+            monkeypatch.setattr(engine.store, "activate_runs", failing_activation)
+            return await engine.dispatch_many(
+                [("backup", Trigger.SCHEDULE, SLOT), ("web", Trigger.SCHEDULE, SLOT)]
+            )
+
+        results = asyncio.run(scenario())
+        assert [result["started"] for result in results] == [True, True]
+        assert {arg[1] for _, _, arg in engine.bridge.published} == {"backup", "web"}
+        assert [status for _, status in stored_rows(engine)] == ["running", "running"]
+
+    def test_expired_prepared_run_is_dropped(self, engine: Engine) -> None:
+        # SLOT is in the past, as the slot of a job rescheduled after its
+        # preparation is once no dispatch claimed it.
+        asyncio.run(engine._prepare([("backup", SLOT)]))
+        engine.jobs["backup"] = make_job("backup", "db*", min="1")
+        asyncio.run(engine.dispatch_many([("report", Trigger.MANUAL, None)]))
+        assert ("backup", SLOT) in engine._prepared
+        engine._drop_expired_prepared()
+        assert engine._prepared == {}
+        assert [status for _, status in stored_rows(engine)] == ["running"]
+
+    def test_slot_under_preparation_is_prepared_once(
+        self, engine: Engine, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        async def scenario() -> None:
+            engine._on_prepare([("backup", SLOT), ("web", SLOT)])
+            engine._on_prepare([("backup", SLOT), ("web", SLOT), ("report", SLOT)])
+            await asyncio.gather(*engine._preparing)
+
+        asyncio.run(scenario())
+        assert not [record for record in caplog.records if record.levelname == "WARNING"]
+        assert sorted(name for name, _ in engine._prepared) == ["backup", "report", "web"]
+
+    def test_manual_run_does_not_wait_for_preparations(self, engine: Engine) -> None:
+        plain = engine.bridge.resolve_targets
+        release = asyncio.Event()
+
+        async def held(targets: str, target_type: str) -> list[str]:
+            if targets == "db*":
+                await release.wait()
+            return await plain(targets, target_type)
+
+        engine.bridge.resolve_targets = held  # type: ignore[method-assign]
+
+        async def scenario() -> tuple[dict[str, Any], bool]:
+            engine._on_prepare([("backup", SLOT)])
+            await asyncio.sleep(0)
+            result = (await engine.dispatch_many([("web", Trigger.MANUAL, None)]))[0]
+            still_preparing = bool(engine._preparing)
+            release.set()
+            await asyncio.gather(*engine._preparing)
+            return result, still_preparing
+
+        result, still_preparing = asyncio.run(asyncio.wait_for(scenario(), timeout=10))
+        assert result["started"]
+        assert still_preparing
 
     def test_engine_restart_drops_prepared_runs(self, engine: Engine, tmp_path: Path) -> None:
         asyncio.run(engine._prepare([("backup", SLOT)]))

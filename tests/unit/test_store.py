@@ -184,6 +184,13 @@ class TestPreparedRuns:
         assert store._db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 2
         assert store.run("backup_2")["status"] == "running"
 
+    def test_drop_survives_a_lost_batch(self, store: RunStore) -> None:
+        store.insert_runs([(make_run("backup_1"), ["m1", "m2"], [])], prepared=True)
+        store.begin_batch()
+        store.drop_prepared(["backup_1"])
+        store.fail_batch(sqlite3.OperationalError("disk I/O error"))
+        assert not store.slot_taken("backup", SLOT)
+
     def test_reopening_the_store_drops_them(self, tmp_path: Path) -> None:
         with contextlib.closing(RunStore(tmp_path / "sp.db")) as store:
             store.insert_runs([(make_run("backup_1"), ["m1", "m2"], [])], prepared=True)
