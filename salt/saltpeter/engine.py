@@ -509,11 +509,10 @@ class Engine:
         Checking the slots, resolving targets, making ids and tokens and
         inserting the rows take about 23 us per run (measured in one process
         for 1,000 runs), which would otherwise delay every launch of a large
-        batch. At the instant, dispatch_many
-        checks maintenance and overlap again, marks the prepared runs as
-        running in one write, and publishes them. A run prepared from a job
-        definition or a maintenance list that changed since is dropped and
-        made again at the instant.
+        batch. At the instant, dispatch_many checks maintenance and overlap
+        again, marks the prepared runs as running in one write, and publishes
+        them. A run prepared from a job definition or a maintenance list that
+        changed since is dropped and made again at the instant.
         """
         await self._ready.wait()
         assert self.manager is not None and self.store is not None
