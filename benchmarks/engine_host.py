@@ -143,7 +143,7 @@ class BenchBridge(SaltBridge):
         if fun == "saltpeter.launch":
             self._on_launch(now, minions, arg, jid)
         # A real publish (LocalClient.run_job_async) waits for the master's
-        # answer over the network, so the other launches of a batch are handed
+        # reply over the network, so the other launches of a batch are handed
         # over before this one's caller goes on. Yielding once does the same.
         await asyncio.sleep(0)
         return {"jid": jid, "minions": minions}

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 # A request to start a run: job name, what started it, and its slot (None for manual runs).
 DispatchRequest = tuple[str, Trigger, datetime | None]
 
-
 DEFAULT_CONFIG_DIR = "/etc/saltpeter"
 REQUEST_PREFIX = "saltpeter/request/"
 REPLY_PREFIX = "saltpeter/reply/"
@@ -558,10 +557,9 @@ class Engine:
         job was removed or rescheduled.
         """
         claimed: dict[int, _Prepared] = {}
-        stale, self._undropped = self._undropped, []
         if not self._prepared:
-            self._drop_prepared(stale)
             return claimed
+        stale: list[Run] = []
         latest: datetime | None = None
         for index, (name, trigger, slot) in enumerate(requests):
             if slot is None or trigger is not Trigger.SCHEDULE:
@@ -571,6 +569,8 @@ class Engine:
             if entry is None:
                 continue
             job = self.jobs.get(name)
+            # Identity first: comparing two definitions field by field costs
+            # microseconds, paid per run at the instant.
             if (entry.job is job or entry.job == job) and (
                 entry.maintenance is self.maintenance.machines
                 or entry.maintenance == self.maintenance.machines
@@ -585,10 +585,12 @@ class Engine:
         return claimed
 
     def _drop_prepared(self, runs: list[Run]) -> None:
-        """Delete prepared runs that will not start; keep them for a later try if that fails.
+        """Delete prepared runs that will not start, with those a failed deletion left.
 
-        Until they are deleted, their slots stay taken.
+        If the deletion fails, the runs are kept for the next call (the sweep
+        makes one every second). Until they are deleted, their slots stay taken.
         """
+        runs, self._undropped = self._undropped + runs, []
         if not runs:
             return
         assert self.manager is not None
@@ -613,9 +615,7 @@ class Engine:
             return
         cutoff = utcnow() - timedelta(seconds=1)
         expired = [key for key in self._prepared if key[1] < cutoff]
-        stale, self._undropped = self._undropped, []
-        stale.extend(self._prepared.pop(key).run for key in expired)
-        self._drop_prepared(stale)
+        self._drop_prepared([self._prepared.pop(key).run for key in expired])
 
     def _dispatch_due(self) -> None:
         due, self._due = self._due, []
@@ -693,10 +693,11 @@ class Engine:
         await self._ready.wait()
         assert self.manager is not None and self.store is not None
         manager = self.manager
-        slots = {(name, slot) for name, _, slot in requests if slot is not None}
-        preparing = [task for task, prepares in self._preparing.items() if prepares & slots]
-        if preparing:
-            await asyncio.wait(preparing)
+        if self._preparing:
+            slots = {(name, slot) for name, _, slot in requests if slot is not None}
+            preparing = [task for task, prepares in self._preparing.items() if prepares & slots]
+            if preparing:
+                await asyncio.wait(preparing)
         prepared = self._claim_prepared(requests)
         results: list[dict[str, Any]] = [{} for _ in requests]
         taken = self.store.slots_taken(
@@ -830,11 +831,13 @@ class Engine:
 
     async def _match(self, jobs: list[Job]) -> list[list[str]]:
         """Return the minions each of ``jobs`` targets, one resolution per distinct target."""
-        wanted: dict[tuple[str, str], list[str]] = {}
+        by_target: dict[tuple[str, str], list[str]] = {}
         for job in jobs:
-            wanted.setdefault((job.targets, job.target_type), []).append(job.name)
-        found = await asyncio.gather(*(self._resolve(key, names) for key, names in wanted.items()))
-        resolved = dict(zip(wanted, found, strict=True))
+            by_target.setdefault((job.targets, job.target_type), []).append(job.name)
+        found = await asyncio.gather(
+            *(self._resolve(key, names) for key, names in by_target.items())
+        )
+        resolved = dict(zip(by_target, found, strict=True))
         return [resolved[job.targets, job.target_type] for job in jobs]
 
     async def _resolve(self, key: tuple[str, str], jobs: list[str]) -> list[str]:

@@ -292,7 +292,7 @@ class RunManager:
     def activate_runs(self, runs: list[Run]) -> list[Run]:
         """Take runs stored by :meth:`prepare_runs` in flight and announce them.
 
-        Their ``started_at`` becomes now, and their store rows running runs.
+        Their ``started_at`` becomes now, and the store marks them running.
         """
         now = utcnow()
         seen = self.clock()

@@ -132,14 +132,14 @@ class Scheduler:
         """Remove and return the jobs due at ``now``; :meth:`_reschedule` puts them back."""
         due: list[tuple[str, datetime]] = []
         staged = self._staged
-        taken = 0
-        while taken < len(staged) and staged[taken][0] <= now:
-            fire_at, name, generation = staged[taken]
-            taken += 1
+        popped = 0
+        while popped < len(staged) and staged[popped][0] <= now:
+            fire_at, name, generation = staged[popped]
+            popped += 1
             if self._current(name, generation):
                 del self._entries[name]
                 due.append((name, fire_at))
-        del staged[:taken]
+        del staged[:popped]
         while self._heap and self._heap[0][0] <= now:
             fire_at, name, generation = heapq.heappop(self._heap)
             if self._current(name, generation):

@@ -354,8 +354,8 @@ class TestPreparedRuns:
             return results
 
         results = asyncio.run(scenario())
-        # The stale web run could not be deleted, so its slot stays taken;
-        # the valid prepared run and the run that was not prepared start.
+        # The stale web run could not be deleted, so its slot stays taken.
+        # The valid prepared run and the run that was not prepared start.
         assert [result.get("started") for result in results] == [True, False, True]
         assert results[1]["reason"] == "slot_taken"
         assert {arg[1] for _, _, arg in engine.bridge.published} == {"backup", "report"}
@@ -383,8 +383,8 @@ class TestPreparedRuns:
         assert [status for _, status in stored_rows(engine)] == ["running", "running"]
 
     def test_expired_prepared_run_is_dropped(self, engine: Engine) -> None:
-        # SLOT is in the past, as the slot of a job rescheduled after its
-        # preparation is once no dispatch claimed it.
+        # SLOT is in the past: the job was rescheduled after its preparation,
+        # and no scheduled dispatch claimed the slot.
         asyncio.run(engine._prepare([("backup", SLOT)]))
         engine.jobs["backup"] = make_job("backup", "db*", min="1")
         asyncio.run(engine.dispatch_many([("report", Trigger.MANUAL, None)]))

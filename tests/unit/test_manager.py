@@ -341,9 +341,7 @@ class TestAuthentication:
         assert loads == [run_id, run_id]
         assert third.machines["m1"].late_retcode == 0
 
-    def test_pruned_run_is_unknown_while_held(
-        self, manager: RunManager, store: RunStore
-    ) -> None:
+    def test_pruned_run_is_unknown_while_held(self, manager: RunManager, store: RunStore) -> None:
         run, token = start_run(manager, targets=("m1",))
         complete(manager, run, "m1")
         # Runs start at the wall clock's time, so the cutoff follows this run's start.
@@ -425,9 +423,7 @@ class TestCompletion:
         assert store.run(run.run_id)["status"] == "failed"
         assert manager.running("backup") == []
 
-    def test_results_in_any_order(
-        self, manager: RunManager, events: RecordedEvents
-    ) -> None:
+    def test_results_in_any_order(self, manager: RunManager, events: RecordedEvents) -> None:
         names = [f"m{index}" for index in range(6)]
         run, _ = start_run(manager, targets=names)
         # The first minion in order finishes last, the others out of order.
@@ -457,9 +453,7 @@ class TestCompletion:
 
 
 class TestLostWrites:
-    def test_reload_puts_the_store_state_back(
-        self, manager: RunManager, store: RunStore
-    ) -> None:
+    def test_reload_puts_the_store_state_back(self, manager: RunManager, store: RunStore) -> None:
         run, token = start_run(manager)
         connections = {name: RecordedConnection() for name in run.machines}
         for name, machine in run.machines.items():

@@ -118,7 +118,7 @@ class TestPrepare:
         every_second, hourly = make_job("every_second"), make_job("hourly", sec="0", min="0")
         scheduler = staging_scheduler(START, prepared, every_second, hourly)
         due_at = START + timedelta(seconds=1)
-        # Nothing is within the lead yet; the answer is when the next job is.
+        # Nothing is within the lead yet, so the result is when the next job will be.
         assert scheduler._prepare(START) == pytest.approx(1.0 - PREPARE_AHEAD_SECONDS)
         assert prepared == []
 
@@ -132,7 +132,7 @@ class TestPrepare:
         assert scheduler._pop_due(almost) == []
         assert scheduler._pop_due(due_at) == [("every_second", due_at)]
 
-    def test_job_changed_after_staging_fires_at_its_new_time(self) -> None:
+    def test_changed_job_fires_at_new_time(self) -> None:
         prepared: list[list[tuple[str, datetime]]] = []
         scheduler = staging_scheduler(START, prepared, make_job("changed"))
         due_at = START + timedelta(seconds=1)

@@ -148,7 +148,8 @@ class TestPreparedRuns:
         run = make_run()
         store.insert_runs([(run, ["m1", "m2"], [])], prepared=True)
         assert store.run("backup_1") is None
-        assert store.runs() == [] and store.runs("backup") == []
+        assert store.runs() == []
+        assert store.runs("backup") == []
         assert store.running_runs() == []
         assert store.latest_run("backup", include_skipped=True) is None
         assert store.latest_slots() == {}
@@ -166,7 +167,7 @@ class TestPreparedRuns:
         assert store.jobs()["backup"].last_run_id == "backup_1"
         assert sorted(store.results("backup_1")) == ["m1", "m2"]
 
-    def test_activating_a_run_not_prepared_changes_nothing(self, store: RunStore) -> None:
+    def test_activating_unprepared_run_fails(self, store: RunStore) -> None:
         prepared, running = make_run("backup_1"), make_run("backup_2", SLOT.replace(minute=1))
         store.insert_runs([(prepared, ["m1"], [])], prepared=True)
         store.insert_runs([(running, ["m1"], [])])
